@@ -1,0 +1,50 @@
+"""Callbacks that change the learning schedule, meant to run after a rollback."""
+
+from __future__ import annotations
+
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.type_aliases import Schedule
+
+
+class ScaledSchedule:
+    """A learning-rate schedule multiplied by a constant (picklable, so ``model.save()`` keeps working).
+
+    :param schedule: the original schedule (progress remaining -> learning rate)
+    :param factor: multiplier applied to every value
+    """
+
+    def __init__(self, schedule: Schedule, factor: float) -> None:
+        self.schedule = schedule
+        self.factor = factor
+
+    def __call__(self, progress_remaining: float) -> float:
+        return self.factor * self.schedule(progress_remaining)
+
+
+class ScaleLearningRate(BaseCallback):
+    """Multiply the model's learning rate by ``factor`` each time it runs, for the rest of training.
+
+    Use as ``RollbackCallback(callback_on_rollback=ScaleLearningRate(0.5))``: after each rollback the
+    restored weights move away from the good point more slowly, which makes a repeat of the same
+    collapse less likely (like Keras' ``ReduceLROnPlateau``, triggered by collapses instead of plateaus).
+
+    :param factor: multiplier per call, in (0, 1] to slow learning
+    :param min_learning_rate: never go below this learning rate
+    """
+
+    def __init__(self, factor: float = 0.5, min_learning_rate: float = 0.0, verbose: int = 0) -> None:
+        super().__init__(verbose=verbose)
+        if not 0 < factor:
+            raise ValueError(f"factor must be positive, got {factor!r}")
+        self.factor = factor
+        self.min_learning_rate = min_learning_rate
+
+    def _on_step(self) -> bool:
+        schedule = self.model.lr_schedule
+        current = schedule(self.model._current_progress_remaining)
+        factor = max(self.factor, self.min_learning_rate / current) if current > 0 else self.factor
+        self.model.lr_schedule = ScaledSchedule(schedule, factor)
+        self.logger.record("rollback/learning_rate", current * factor)
+        if self.verbose >= 1:
+            print(f"Learning rate scaled by {factor:.3g} to {current * factor:.3g}")
+        return True

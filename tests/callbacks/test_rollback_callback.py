@@ -1,0 +1,179 @@
+import gymnasium as gym
+import pytest
+import torch
+from stable_baselines3 import A2C, PPO, SAC, TD3
+from stable_baselines3.common.callbacks import CallbackList, EvalCallback
+from stable_baselines3.common.env_util import make_vec_env
+
+from helpers import (CARTPOLE_BALANCER, CARTPOLE_WOBBLER, CollapseAt, RecordState, ScrambleAt,
+                     assert_states_equal, linear_dqn, states_equal)
+from rollback_rl.callbacks import RollbackCallback
+from rollback_rl.detectors import DropFromBest
+
+torch.set_num_threads(1)
+
+
+def test_injected_collapse_is_detected_at_next_evaluation_and_restored_bitwise():
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=1)
+    after_restore = RecordState()
+    rollback = RollbackCallback("CartPole-v1", eval_freq=500, n_eval_episodes=3,
+                                callback_on_rollback=after_restore)
+    at_snapshot = RecordState(at_timesteps={1000})
+    model.learn(2000, callback=CallbackList([ScrambleAt(1200), rollback, at_snapshot]))
+
+    assert len(rollback.rollbacks) == 1
+    event = rollback.rollbacks[0]
+    assert event.timestep == 1500  # the first evaluation after the scramble at 1200
+    assert event.restored_timestep == 1000 and event.restored_score == 500.0
+    assert event.score < 50
+    assert_states_equal(at_snapshot.records[1000], after_restore.records[1500])
+    # Training went on from the restored weights and kept the task.
+    assert rollback.scores[-1].timestep == 2000 and rollback.scores[-1].mean == 500.0
+
+
+def test_no_rollback_when_the_policy_is_not_learning():
+    # A mediocre policy (scores 138 to 278) with learning_rate 0: evaluations vary, weights never change.
+    model = linear_dqn(CARTPOLE_WOBBLER, learning_rate=0.0, seed=2)
+    rollback = RollbackCallback("CartPole-v1", eval_freq=250, n_eval_episodes=4)
+    model.learn(5_000, callback=rollback)
+    assert len(rollback.scores) == 20
+    assert len({s.mean for s in rollback.scores}) > 5  # the scores really were noisy
+    assert rollback.rollbacks == [] and rollback.rebases == 0
+
+
+def test_as_eval_callback_child_it_reuses_the_evaluation(tmp_path):
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=3)
+    rollback = RollbackCallback()
+    evaluation = EvalCallback(gym.make("CartPole-v1"), eval_freq=500, n_eval_episodes=3,
+                              log_path=str(tmp_path), callback_after_eval=rollback)
+    model.learn(2000, callback=CallbackList([ScrambleAt(1200), evaluation]))
+    assert rollback.mode == "eval_callback"
+    assert [s.timestep for s in rollback.scores] == [500, 1000, 1500, 2000]
+    assert rollback.scores[0].episode_returns == (500.0, 500.0, 500.0)
+    assert [(e.timestep, e.restored_timestep) for e in rollback.rollbacks] == [(1500, 1000)]
+
+
+def test_online_mode_scores_training_episodes_and_restores():
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=4)
+    rollback = RollbackCallback(eval_freq=1000, n_eval_episodes=2)  # keyword arguments only, as the RL Zoo
+    model.learn(6000, callback=CallbackList([ScrambleAt(3300), rollback]))
+    assert rollback.mode == "online"
+    assert rollback.scores[0].mean == 500.0
+    assert len(rollback.rollbacks) == 1
+    event = rollback.rollbacks[0]
+    assert event.timestep == 4000 and (event.restored_timestep, event.restored_score) == (3000, 500.0)
+    assert rollback.scores[-1].mean == 500.0  # the restored weights balance again
+
+
+def test_online_mode_stops_rolling_back_after_max_consecutive_rollbacks():
+    # The "collapse" is permanent (weights scrambled on every step): rolling back cannot help.
+    def scramble(model):
+        ScrambleAt._negate_and_shake(model) if model.num_timesteps > 2000 else None
+
+    class ScrambleEveryStep(ScrambleAt):
+        def _on_step(self):
+            if self.num_timesteps > 2000 and self.num_timesteps % 100 == 0:
+                self.scramble(self.model)
+            return True
+
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=5)
+    rollback = RollbackCallback(eval_freq=500, n_eval_episodes=2, max_consecutive_rollbacks=2)
+    model.learn(8000, callback=CallbackList([ScrambleEveryStep(0), rollback]))
+    assert len(rollback.rollbacks) >= 2
+    assert rollback.rebases >= 1
+
+
+def test_restore_is_refused_when_restored_weights_fail_too_so_a_changed_env_does_not_loop():
+    # Evaluation env that changes for good at timestep 1200: reversed actions (a changed task).
+    class ReversedActions(gym.ActionWrapper):
+        def __init__(self, env, model):
+            super().__init__(env)
+            self.model = model
+
+        def action(self, action):
+            return 1 - action if self.model.num_timesteps >= 1200 else action
+
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=6)
+    rollback = RollbackCallback(ReversedActions(gym.make("CartPole-v1"), model), eval_freq=500,
+                                n_eval_episodes=3)
+    model.learn(3000, callback=rollback)
+    assert rollback.rollbacks == []  # the old weights were checked, failed too, and were not forced back
+    assert rollback.rebases == 1
+    assert rollback.history.best < 50  # the new level became the reference
+
+
+def _tiny(algo_class, env_id, **kwargs):
+    return algo_class("MlpPolicy", env_id, seed=0, policy_kwargs=dict(net_arch=[16, 16]), **kwargs)
+
+
+@pytest.mark.parametrize("make_model, eval_freq", [
+    (lambda: _tiny(PPO, "CartPole-v1", n_steps=64, batch_size=32, n_epochs=2), 128),
+    (lambda: _tiny(A2C, "CartPole-v1", n_steps=8), 128),
+    (lambda: _tiny(SAC, "Pendulum-v1", learning_starts=20, batch_size=16, buffer_size=1000), 100),
+    (lambda: _tiny(TD3, "Pendulum-v1", learning_starts=20, batch_size=16, buffer_size=1000), 100),
+    (lambda: linear_dqn(CARTPOLE_WOBBLER, learning_rate=1e-3, seed=7), 100),
+], ids=["ppo", "a2c", "sac", "td3", "dqn"])
+def test_rollback_restores_every_network_and_optimizer_of_each_algorithm(make_model, eval_freq):
+    model = make_model()
+    before_restore = RecordState(at_timesteps={2 * eval_freq})
+    at_snapshot = RecordState(at_timesteps={eval_freq})
+    after_restore = RecordState()
+    eval_env = make_vec_env(model.env.envs[0].spec.id if hasattr(model.env, "envs") else "CartPole-v1", n_envs=1)
+    rollback = RollbackCallback(eval_env, eval_freq=eval_freq, n_eval_episodes=1,
+                                detector=CollapseAt(2 * eval_freq), callback_on_rollback=after_restore)
+    model.learn(2 * eval_freq, callback=CallbackList([before_restore, rollback, at_snapshot]))
+    assert [(e.timestep, e.restored_timestep) for e in rollback.rollbacks] == [(2 * eval_freq, eval_freq)]
+    assert not states_equal(at_snapshot.records[eval_freq], before_restore.records[2 * eval_freq])
+    assert_states_equal(at_snapshot.records[eval_freq], after_restore.records[2 * eval_freq])
+
+
+def test_eval_freq_counts_timesteps_not_calls_with_several_envs():
+    model = _tiny(PPO, "CartPole-v1", n_steps=32, batch_size=32, n_epochs=1)
+    model = PPO("MlpPolicy", make_vec_env("CartPole-v1", n_envs=4, seed=0), n_steps=32, batch_size=64,
+                n_epochs=1, policy_kwargs=dict(net_arch=[8]), seed=0)
+    rollback = RollbackCallback("CartPole-v1", eval_freq=256, n_eval_episodes=1)
+    model.learn(1024, callback=rollback)
+    assert [s.timestep for s in rollback.scores] == [256, 512, 768, 1024]
+
+
+def test_rollbacks_are_logged_and_printed(capsys, tmp_path):
+    from stable_baselines3.common.logger import configure
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=1)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    rollback = RollbackCallback("CartPole-v1", eval_freq=500, n_eval_episodes=3, verbose=1)
+    model.learn(2000, callback=CallbackList([ScrambleAt(1200), rollback]))
+    assert "Rollback at timestep 1500" in capsys.readouterr().out
+    header, *rows = (tmp_path / "progress.csv").read_text().splitlines()
+    columns = header.split(",")
+    assert {"rollback/n_rollbacks", "rollback/best_score", "eval/mean_reward"} <= set(columns)
+    counts = [row.split(",")[columns.index("rollback/n_rollbacks")] for row in rows]
+    assert "1" in counts
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(eval_freq=-5), ValueError, "eval_freq must be a positive int"),
+    (dict(eval_freq=2.5), ValueError, "eval_freq"),
+    (dict(n_eval_episodes=0), ValueError, "n_eval_episodes"),
+    (dict(eval_env="NoSuchEnv-v9"), ValueError, "unknown env id 'NoSuchEnv-v9'"),
+    (dict(eval_env=42), TypeError, "eval_env must be"),
+    (dict(detector="drop"), TypeError, "detector must be a CollapseDetector"),
+    (dict(tolerance=2.0), ValueError, "tolerance"),
+])
+def test_bad_arguments_raise_a_clear_error_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        RollbackCallback(**kwargs)
+
+
+def test_eval_env_inside_eval_callback_is_refused():
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=0.0)
+    evaluation = EvalCallback(gym.make("CartPole-v1"), eval_freq=100,
+                              callback_after_eval=RollbackCallback("CartPole-v1"))
+    with pytest.raises(ValueError, match="do not give it an eval_env"):
+        model.learn(100, callback=evaluation)
+
+
+def test_custom_detector_is_used():
+    model = linear_dqn(CARTPOLE_WOBBLER, learning_rate=0.0, seed=2)
+    rollback = RollbackCallback("CartPole-v1", eval_freq=500, detector=DropFromBest(drop=0.01))
+    model.learn(3000, callback=rollback)
+    assert isinstance(rollback.detector, DropFromBest)

@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_states_equal, states_equal
+from rollback_rl.snapshots import NonFiniteStateError, SnapshotRing
+
+
+def make_model_and_optimizer(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 2))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, n: int, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(8, 4, generator=generator)
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    import copy
+    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
+
+
+def test_restore_brings_back_weights_and_optimizer_state_bitwise():
+    model, optimizer = make_model_and_optimizer()
+    train_steps(model, optimizer, 5)
+    ring = SnapshotRing(capacity=2)
+    state = {"model": model, "optimizer": optimizer}
+    ring.take(state, timestep=100, score=1.0)
+    saved = full_state(model, optimizer)
+    train_steps(model, optimizer, 7)
+    assert not states_equal(saved, full_state(model, optimizer))
+    restored = ring.restore_last_good(state)
+    assert restored.timestep == 100 and restored.score == 1.0
+    assert_states_equal(saved, full_state(model, optimizer))
+
+
+def test_restore_keeps_optimizer_bound_to_the_live_parameters():
+    model, optimizer = make_model_and_optimizer()
+    train_steps(model, optimizer, 3)
+    twin_model, twin_optimizer = make_model_and_optimizer()
+    train_steps(twin_model, twin_optimizer, 3)
+    ring = SnapshotRing()
+    ring.take({"model": model, "optimizer": optimizer}, 0, 0.0)
+    train_steps(model, optimizer, 4, seed=9)
+    ring.restore_last_good({"model": model, "optimizer": optimizer})
+    # Training on from the restore must follow exactly the path of a model that never left.
+    train_steps(model, optimizer, 4, seed=2)
+    train_steps(twin_model, twin_optimizer, 4, seed=2)
+    assert_states_equal(full_state(twin_model, twin_optimizer), full_state(model, optimizer))
+
+
+def test_snapshot_taken_before_first_optimizer_step_clears_optimizer_state_on_restore():
+    model, optimizer = make_model_and_optimizer()
+    ring = SnapshotRing()
+    state = {"model": model, "optimizer": optimizer}
+    ring.take(state, 0, 0.0)
+    saved = full_state(model, optimizer)
+    train_steps(model, optimizer, 2)
+    assert len(optimizer.state) > 0
+    ring.restore_last_good(state)
+    assert len(optimizer.state) == 0
+    assert_states_equal(saved, full_state(model, optimizer))
+
+
+def test_bare_tensors_are_snapshotted_in_place():
+    log_coefficient = torch.zeros(1, requires_grad=True)
+    ring = SnapshotRing()
+    ring.take({"log_coefficient": log_coefficient}, 0, 0.0)
+    with torch.no_grad():
+        log_coefficient.add_(3.0)
+    ring.restore_last_good({"log_coefficient": log_coefficient})
+    assert log_coefficient.item() == 0.0 and log_coefficient.requires_grad
+
+
+def test_ring_keeps_the_newest_snapshots_and_reuses_their_buffers():
+    model, optimizer = make_model_and_optimizer()
+    train_steps(model, optimizer, 1)
+    state = {"model": model, "optimizer": optimizer}
+    ring = SnapshotRing(capacity=2)
+    first = ring.take(state, 1, 1.0)
+    first_pointers = {k: t.data_ptr() for k, t in first.tensors.items()}
+    ring.take(state, 2, 2.0)
+    third = ring.take(state, 3, 3.0)
+    assert [s.timestep for s in ring] == [2, 3]
+    assert {k: t.data_ptr() for k, t in third.tensors.items()} == first_pointers
+    assert ring.last_good.timestep == 3
+
+
+def test_nbytes_counts_weights_and_optimizer_moments():
+    model, optimizer = make_model_and_optimizer()
+    train_steps(model, optimizer, 1)
+    ring = SnapshotRing(capacity=3)
+    ring.take({"model": model, "optimizer": optimizer}, 0, 0.0)
+    parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    step_bytes = sum(s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
+    assert ring.nbytes == 3 * parameter_bytes + buffer_bytes + step_bytes  # weights + Adam's two moments
+
+
+def test_drop_last_makes_the_previous_snapshot_last_good():
+    model, optimizer = make_model_and_optimizer()
+    ring = SnapshotRing(capacity=3)
+    state = {"model": model, "optimizer": optimizer}
+    ring.take(state, 1, 1.0)
+    ring.take(state, 2, 2.0)
+    ring.drop_last()
+    assert ring.last_good.timestep == 1 and len(ring) == 1
+
+
+def test_non_finite_weights_are_never_snapshotted():
+    model, optimizer = make_model_and_optimizer()
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    ring = SnapshotRing()
+    with pytest.raises(NonFiniteStateError, match="non-finite"):
+        ring.take({"model": model, "optimizer": optimizer}, 0, 0.0)
+    assert len(ring) == 0
+
+
+def test_restore_into_a_different_architecture_is_refused():
+    model, optimizer = make_model_and_optimizer()
+    ring = SnapshotRing()
+    ring.take({"model": model}, 0, 0.0)
+    with pytest.raises(ValueError, match="does not match"):
+        ring.restore_last_good({"model": nn.Linear(4, 2)})
+
+
+def test_restore_without_snapshot_and_bad_capacity_raise_clear_errors():
+    with pytest.raises(RuntimeError, match="no snapshot"):
+        SnapshotRing().restore_last_good({})
+    with pytest.raises(ValueError, match="capacity"):
+        SnapshotRing(capacity=0)
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        SnapshotRing().take({"oops": 3}, 0, 0.0)
