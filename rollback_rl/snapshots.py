@@ -41,38 +41,77 @@ def _optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _live_tensors(state: TrainingState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten a training state into named live tensors plus the small non-tensor parts."""
-    tensors: dict[str, torch.Tensor] = {}
-    extras: dict[str, Any] = {}
+def _optimizer_tensor_ids(state: TrainingState) -> tuple[int, ...]:
+    """Identities of every optimizer-state tensor: they change when an optimizer creates or loads state."""
+    ids = []
+    for obj in state.values():
+        if isinstance(obj, torch.optim.Optimizer):
+            for parameter in _optimizer_parameters(obj):
+                ids.extend(id(v) for v in obj.state.get(parameter, {}).values() if isinstance(v, torch.Tensor))
+                ids.append(-1)
+    return tuple(ids)
+
+
+class _Layout:
+    """A training state flattened into named live tensors, built once and reused while it still holds.
+
+    Modules are assumed to keep their parameter and buffer objects (``load_state_dict`` and ``.to()``
+    do); optimizer state is re-read whenever its tensors change identity.
+    """
+
+    def __init__(self, state: TrainingState) -> None:
+        self.object_ids = tuple(id(obj) for obj in state.values())
+        self.optimizer_ids = _optimizer_tensor_ids(state)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.extras: dict[str, Any] = {}
+        for name, obj in state.items():
+            if isinstance(obj, nn.Module):
+                for key, tensor in obj.state_dict(keep_vars=True).items():
+                    self.tensors[f"{name}/{key}"] = tensor.detach()
+            elif isinstance(obj, torch.optim.Optimizer):
+                per_parameter = []
+                for index, parameter in enumerate(_optimizer_parameters(obj)):
+                    entries = obj.state.get(parameter, {})
+                    tensor_keys = [k for k, v in entries.items() if isinstance(v, torch.Tensor)]
+                    for key in tensor_keys:
+                        self.tensors[f"{name}/state/{index}/{key}"] = entries[key]
+                    per_parameter.append(tensor_keys)
+                self.extras[name] = per_parameter
+            elif isinstance(obj, torch.Tensor):
+                self.tensors[name] = obj.detach()
+            else:
+                raise TypeError(f"training state entry {name!r} is a {type(obj).__name__}; "
+                                "expected an nn.Module, a torch optimizer or a tensor")
+        self.keys = list(self.tensors)
+        self.live = list(self.tensors.values())
+
+    def holds_for(self, state: TrainingState) -> bool:
+        return (self.object_ids == tuple(id(obj) for obj in state.values())
+                and self.optimizer_ids == _optimizer_tensor_ids(state))
+
+
+def _immutable_copy(value: Any) -> Any:
+    # Hyperparameters are almost always numbers, strings, bools, None or tuples of them: no copy needed.
+    if value is None or isinstance(value, (int, float, str, bool, tuple)):
+        return value
+    return copy.deepcopy(value)
+
+
+def _small_optimizer_values(state: TrainingState) -> dict[str, Any]:
+    """Each optimizer's param groups (hyperparameters) and non-tensor per-parameter state."""
+    values = {}
     for name, obj in state.items():
-        if isinstance(obj, nn.Module):
-            for key, tensor in obj.state_dict(keep_vars=True).items():
-                tensors[f"{name}/{key}"] = tensor
-        elif isinstance(obj, torch.optim.Optimizer):
-            per_parameter: list[dict[str, Any]] = []
-            for index, parameter in enumerate(_optimizer_parameters(obj)):
-                values = {}
-                for key, value in obj.state.get(parameter, {}).items():
-                    if isinstance(value, torch.Tensor):
-                        tensors[f"{name}/state/{index}/{key}"] = value
-                    else:
-                        values[key] = value
-                tensor_keys = [k for k, v in obj.state.get(parameter, {}).items() if isinstance(v, torch.Tensor)]
-                per_parameter.append({"tensor_keys": tensor_keys, "values": values})
-            groups = [{k: v for k, v in group.items() if k != "params"} for group in obj.param_groups]
-            extras[name] = {"per_parameter": per_parameter, "param_groups": groups}
-        elif isinstance(obj, torch.Tensor):
-            tensors[name] = obj
-        else:
-            raise TypeError(f"training state entry {name!r} is a {type(obj).__name__}; "
-                            "expected an nn.Module, a torch optimizer or a tensor")
-    return tensors, extras
+        if isinstance(obj, torch.optim.Optimizer):
+            groups = [{k: _immutable_copy(v) for k, v in group.items() if k != "params"} for group in obj.param_groups]
+            per_parameter = [{k: _immutable_copy(v) for k, v in obj.state.get(p, {}).items()
+                              if not isinstance(v, torch.Tensor)} for p in _optimizer_parameters(obj)]
+            values[name] = {"param_groups": groups, "per_parameter": per_parameter}
+    return values
 
 
 @dataclass
 class Snapshot:
-    """One saved training state: preallocated tensor buffers plus when and how well it scored.
+    """One saved training state: tensor buffers plus when and how well it scored.
 
     :param timestep: environment timesteps done when the snapshot was taken
     :param score: the evaluation score that made these weights worth keeping
@@ -83,20 +122,46 @@ class Snapshot:
     score: float
     episode_returns: np.ndarray | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+    optimizer_tensor_keys: dict[str, list[list[str]]] = field(default_factory=dict, repr=False)
+    optimizer_values: dict[str, Any] = field(default_factory=dict, repr=False)
+    flat: list[torch.Tensor] = field(default_factory=list, repr=False)  # the storage behind ``tensors``
+    layout: object = field(default=None, repr=False)  # the _Layout these buffers were last filled from
 
     @property
     def nbytes(self) -> int:
         """Bytes held by this snapshot's tensor buffers."""
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in self.flat)
+
+
+def _allocate(layout: _Layout, device: torch.device | None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """One flat buffer per (dtype, device), with a view of it for each live tensor."""
+    groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+    for key, tensor in layout.tensors.items():
+        groups.setdefault((tensor.dtype, device or tensor.device), []).append(key)
+    flat, views = [], {}
+    for (dtype, where), keys in groups.items():
+        storage = torch.empty(sum(layout.tensors[k].numel() for k in keys), dtype=dtype, device=where)
+        offset = 0
+        for key in keys:
+            shape = layout.tensors[key].shape
+            views[key] = storage[offset:offset + layout.tensors[key].numel()].view(shape)
+            offset += layout.tensors[key].numel()
+        flat.append(storage)
+    return flat, {key: views[key] for key in layout.keys}
+
+
+def _same_shapes(buffers: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> bool:
+    return buffers.keys() == live.keys() and all(
+        buffers[k].shape == t.shape and buffers[k].dtype == t.dtype for k, t in live.items())
 
 
 class SnapshotRing:
     """Keeps the last ``capacity`` snapshots of a training state; the newest is the last good one.
 
-    Buffers are allocated the first time a slot is filled and reused when the ring wraps around (they
-    are reallocated only if the state's layout changed, e.g. when an optimizer creates its state on
-    its first step).
+    Each slot is one flat buffer per dtype, allocated the first time the slot is filled and reused when
+    the ring wraps around (reallocated only if the state's layout changed, e.g. when an optimizer
+    creates its state on its first step). A new snapshot is copied into a spare slot and checked
+    before it replaces the oldest one, so a refused snapshot never costs a good one.
 
     :param capacity: how many snapshots to keep; the oldest is overwritten first
     :param device: where to keep the buffers (``None``: on the device of each live tensor; ``"cpu"``
@@ -107,13 +172,14 @@ class SnapshotRing:
 
     def __init__(self, capacity: int = 3, device: str | torch.device | None = None,
                  check_finite: bool = True) -> None:
-        if not isinstance(capacity, int) or capacity < 1:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         self.capacity = capacity
         self.device = torch.device(device) if device is not None else None
         self.check_finite = check_finite
         self._slots: list[Snapshot] = []  # in order of age, newest last
-        self._spare: Snapshot | None = None  # buffers of a dropped snapshot, kept for reuse
+        self._spare: Snapshot | None = None  # a slot's buffers, ready for the next snapshot
+        self._layout: _Layout | None = None
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -128,78 +194,77 @@ class SnapshotRing:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all snapshot buffers (including a spare slot kept for reuse)."""
+        """Bytes held by all snapshot buffers, including the spare slot."""
         spare = self._spare.nbytes if self._spare is not None else 0
         return sum(s.nbytes for s in self._slots) + spare
 
-    def take(self, state: TrainingState, timestep: int, score: float,
-             episode_returns: np.ndarray | list[float] | None = None) -> Snapshot:
-        """Copy ``state`` into the next slot and return that snapshot (now the last good one)."""
-        live, extras = _live_tensors(state)
-        if self.check_finite:
-            bad = [k for k, t in live.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-            if bad:
-                raise NonFiniteStateError(f"refusing to snapshot a state with non-finite values in {bad[0]!r}")
-        if len(self._slots) == self.capacity:
-            recycled = self._slots.pop(0)
-        elif self._spare is not None:
-            recycled, self._spare = self._spare, None
-        else:
-            recycled = None
-        buffers = recycled.tensors if recycled is not None and self._fits(recycled.tensors, live) else None
-        if buffers is None:
-            buffers = {k: torch.empty_like(t, device=self.device or t.device) for k, t in live.items()}
-        _copy_all(list(buffers.values()), [t.detach() for t in live.values()])
-        snapshot = Snapshot(
-            timestep=int(timestep),
-            score=float(score),
-            episode_returns=None if episode_returns is None else np.asarray(episode_returns, dtype=np.float64),
-            tensors=buffers,
-            extras=copy.deepcopy(extras),
-        )
-        self._slots.append(snapshot)
-        return snapshot
+    def _layout_of(self, state: TrainingState) -> _Layout:
+        if self._layout is None or not self._layout.holds_for(state):
+            self._layout = _Layout(state)
+        return self._layout
 
-    @staticmethod
-    def _fits(buffers: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> bool:
-        return buffers.keys() == live.keys() and all(
-            b.shape == t.shape and b.dtype == t.dtype for b, t in zip(buffers.values(), live.values())
-        )
+    def take(self, state: TrainingState, timestep: int, score: float,
+             episode_returns: np.ndarray | list[float] | tuple[float, ...] | None = None) -> Snapshot:
+        """Copy ``state`` into a slot and return that snapshot (now the last good one)."""
+        layout = self._layout_of(state)
+        slot = self._spare
+        if slot is None or (slot.layout is not layout and not _same_shapes(slot.tensors, layout.tensors)):
+            flat, views = _allocate(layout, self.device)
+            slot = Snapshot(timestep=0, score=0.0, tensors=views, flat=flat)
+        slot.layout = layout
+        _copy_all(list(slot.tensors.values()), layout.live)
+        if self.check_finite:
+            # A sum is NaN or inf whenever any element is (it may also overflow for absurdly large weights).
+            for storage in slot.flat:
+                if storage.is_floating_point() and not bool(torch.isfinite(storage.sum())):
+                    self._spare = slot
+                    raise NonFiniteStateError("refusing to snapshot a state with non-finite (NaN or inf) values")
+        slot.timestep, slot.score = int(timestep), float(score)
+        slot.episode_returns = None if episode_returns is None else np.asarray(episode_returns, dtype=np.float64)
+        slot.optimizer_tensor_keys = layout.extras  # a new layout builds new lists: sharing is safe
+        slot.optimizer_values = _small_optimizer_values(state)
+        self._slots.append(slot)
+        self._spare = self._slots.pop(0) if len(self._slots) > self.capacity else None
+        return slot
 
     def restore(self, state: TrainingState, snapshot: Snapshot) -> None:
         """Copy ``snapshot`` back into the live objects of ``state``, bitwise."""
         for name, obj in state.items():
             if isinstance(obj, torch.optim.Optimizer):
                 self._prepare_optimizer(name, obj, snapshot)
-        live, _ = _live_tensors(state)
-        missing = [k for k in snapshot.tensors if k not in live]
-        if missing or len(live) != len(snapshot.tensors):
-            raise ValueError(f"snapshot does not match the training state (e.g. {missing[:1] or list(live)[:1]})")
-        keys = list(snapshot.tensors)
-        destinations = [live[k] for k in keys]
-        sources = [snapshot.tensors[k].to(live[k].device) for k in keys]
-        _copy_all([d.data if isinstance(d, nn.Parameter) else d for d in destinations], sources)
+        layout = self._layout_of(state)
+        if layout.tensors.keys() != snapshot.tensors.keys():
+            missing = sorted(layout.tensors.keys() ^ snapshot.tensors.keys())
+            raise ValueError(f"snapshot does not match the training state (e.g. {missing[0]!r})")
+        sources = [snapshot.tensors[k] for k in layout.keys]
+        if self.device is not None:
+            sources = [t.to(live.device) for t, live in zip(sources, layout.live)]
+        _copy_all(layout.live, sources)
 
-    def _prepare_optimizer(self, name: str, optimizer: torch.optim.Optimizer, snapshot: Snapshot) -> None:
-        """Give the optimizer exactly the per-parameter state keys the snapshot has, then its groups."""
-        saved = snapshot.extras[name]
-        for index, (parameter, entry) in enumerate(zip(_optimizer_parameters(optimizer), saved["per_parameter"])):
-            if not entry["tensor_keys"] and not entry["values"]:
+    @staticmethod
+    def _prepare_optimizer(name: str, optimizer: torch.optim.Optimizer, snapshot: Snapshot) -> None:
+        """Give the optimizer exactly the per-parameter state the snapshot has, then its param groups."""
+        if name not in snapshot.optimizer_tensor_keys:
+            raise ValueError(f"snapshot does not match the training state (no optimizer {name!r})")
+        tensor_keys = snapshot.optimizer_tensor_keys[name]
+        values = snapshot.optimizer_values[name]
+        for index, parameter in enumerate(_optimizer_parameters(optimizer)):
+            wanted, small = tensor_keys[index], values["per_parameter"][index]
+            if not wanted and not small:
                 optimizer.state.pop(parameter, None)
                 continue
             current = optimizer.state[parameter]
-            for key in list(current):
-                if key not in entry["tensor_keys"] and key not in entry["values"]:
-                    del current[key]
-            for key in entry["tensor_keys"]:
+            for key in [k for k in current if k not in wanted and k not in small]:
+                del current[key]
+            for key in wanted:
                 buffer = snapshot.tensors[f"{name}/state/{index}/{key}"]
                 value = current.get(key)
                 if not isinstance(value, torch.Tensor) or value.shape != buffer.shape or value.dtype != buffer.dtype:
-                    # The optimizer had no state yet (snapshot taken after its first step): make room.
+                    # The optimizer had no such state (snapshot taken after its first step): make room.
                     current[key] = torch.empty_like(buffer, device=parameter.device)
-            current.update(copy.deepcopy(entry["values"]))
-        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-            group.update(copy.deepcopy(saved_group))
+            current.update(copy.deepcopy(small))
+        for group, saved in zip(optimizer.param_groups, values["param_groups"]):
+            group.update(copy.deepcopy(saved))
 
     def restore_last_good(self, state: TrainingState) -> Snapshot:
         """Restore the newest snapshot into ``state`` and return it."""
@@ -218,4 +283,3 @@ class SnapshotRing:
         """Forget every snapshot and free the buffers."""
         self._slots.clear()
         self._spare = None
-

@@ -226,6 +226,7 @@ class UndoLog:
             self._drop_oldest()  # its buffers become the spare, reused just below: the budget holds throughout
         if self._spare is not None:
             ring, self._spare, self._spare_bytes = self._spare, None, 0
+            ring.drop_last()  # its buffers become the ring's spare slot, which take() fills
         else:
             ring = SnapshotRing(1, device=self.device, check_finite=False)
         ring.take(self.state, timestep=0, score=float("nan"))

@@ -114,15 +114,14 @@ class RecordState(BaseCallback):
 
 
 class CollapseAt(CollapseDetector):
-    """Injected detection: declares a collapse at the first score at or after ``timestep``."""
+    """Injected detection: judges the first score at or after ``timestep`` (and only it) a collapse."""
 
     def __init__(self, timestep: int) -> None:
         super().__init__(patience=1)
         self.timestep = timestep
-        self.fired = False
+        self.fired_at: int | None = None
 
     def is_bad(self, reference: Score, current: Score, floor: float) -> bool:
-        if not self.fired and current.timestep >= self.timestep:
-            self.fired = True
-            return True
-        return False
+        if self.fired_at is None and current.timestep >= self.timestep:
+            self.fired_at = current.timestep
+        return current.timestep == self.fired_at

@@ -88,11 +88,12 @@ def test_ring_keeps_the_newest_snapshots_and_reuses_their_buffers():
     ring = SnapshotRing(capacity=2)
     first = ring.take(state, 1, 1.0)
     first_pointers = {k: t.data_ptr() for k, t in first.tensors.items()}
-    ring.take(state, 2, 2.0)
-    third = ring.take(state, 3, 3.0)
-    assert [s.timestep for s in ring] == [2, 3]
-    assert {k: t.data_ptr() for k, t in third.tensors.items()} == first_pointers
-    assert ring.last_good.timestep == 3
+    for timestep in (2, 3):
+        ring.take(state, timestep, float(timestep))
+    fourth = ring.take(state, 4, 4.0)  # capacity + 1 slots in all: the extra one takes each new snapshot
+    assert [s.timestep for s in ring] == [3, 4]
+    assert {k: t.data_ptr() for k, t in fourth.tensors.items()} == first_pointers
+    assert ring.last_good.timestep == 4
 
 
 def test_nbytes_counts_weights_and_optimizer_moments():
@@ -100,6 +101,7 @@ def test_nbytes_counts_weights_and_optimizer_moments():
     train_steps(model, optimizer, 1)
     ring = SnapshotRing(capacity=3)
     ring.take({"model": model, "optimizer": optimizer}, 0, 0.0)
+    assert ring.nbytes == ring.last_good.nbytes
     parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     step_bytes = sum(s["step"].numel() * s["step"].element_size() for s in optimizer.state.values())
@@ -116,14 +118,19 @@ def test_drop_last_makes_the_previous_snapshot_last_good():
     assert ring.last_good.timestep == 1 and len(ring) == 1
 
 
-def test_non_finite_weights_are_never_snapshotted():
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf, -math.inf])
+def test_non_finite_weights_are_never_snapshotted_and_cost_no_good_snapshot(bad_value):
     model, optimizer = make_model_and_optimizer()
+    state = {"model": model, "optimizer": optimizer}
+    ring = SnapshotRing(capacity=1)
+    ring.take(state, 1, 1.0)
+    good = {k: t.clone() for k, t in ring.last_good.tensors.items()}
     with torch.no_grad():
-        model[0].weight[0, 0] = math.nan
-    ring = SnapshotRing()
+        model[0].weight[0, 0] = bad_value
     with pytest.raises(NonFiniteStateError, match="non-finite"):
-        ring.take({"model": model, "optimizer": optimizer}, 0, 0.0)
-    assert len(ring) == 0
+        ring.take(state, 2, 2.0)
+    assert len(ring) == 1 and ring.last_good.timestep == 1
+    assert_states_equal(good, ring.last_good.tensors)
 
 
 def test_restore_into_a_different_architecture_is_refused():

@@ -256,3 +256,12 @@ def test_invalid_arguments_raise():
     for kwargs in ({"max_depth": 0}, {"max_bytes": -1}, {"anchor_interval": 1.5}):
         with pytest.raises(ValueError, match="positive int"):
             UndoLog(learner.state(), **kwargs)
+
+
+def test_dropped_anchors_buffers_are_reused_not_doubled():
+    learner, log, _ = trained(steps=60, max_depth=10)
+    state_bytes = sum(t.numel() * t.element_size() for t in
+                      [*learner.net.state_dict().values(), *learner.target.state_dict().values()]
+                      + [v for s in learner.optimizer.state.values() for v in s.values()])
+    assert all(s.anchor.nbytes == state_bytes for s in log._segments)
+    assert log.nbytes <= (log.n_anchors + 1) * state_bytes + 20 * (8 * 3 + 8) * 4

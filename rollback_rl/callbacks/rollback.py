@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ class RollbackEvent:
     score: float
     restored_timestep: int
     restored_score: float
+    verified_score: float | None = None  # the restored weights' fresh evaluation (None in online mode)
 
 
 def sb3_training_state(model: BaseAlgorithm) -> dict[str, Any]:
@@ -77,11 +78,12 @@ class RollbackCallback(EventCallback):
     snapshot at once, before the next gradient step. The replay buffer, exploration schedule and
     learning-rate schedule are left as they are (pass ``callback_on_rollback`` to change them).
 
-    Rollback loops are guarded against: where an evaluation env exists, the restored weights are
-    evaluated at once; if they score as badly as the collapsed ones, the environment has changed (a
-    collapse would not touch the old weights), so the current weights stay and the current level
-    becomes the new reference. Without an evaluation env, the same happens after
-    ``max_consecutive_rollbacks`` rollbacks in a row with no good score in between.
+    Rollback loops and false alarms are guarded against: where an evaluation env exists, the restored
+    weights are evaluated afresh at once; unless the current score is bad compared with that fresh
+    score (the environment changed, or the snapshot's best score was a lucky one), the current weights
+    stay and the fresh score becomes the reference. Without an evaluation env, the current level
+    becomes the reference after ``max_consecutive_rollbacks`` rollbacks in a row with no good score
+    in between.
 
     Scores come from one of three places:
 
@@ -144,6 +146,7 @@ class RollbackCallback(EventCallback):
         self.scores: list[Score] = []
         self.rebases = 0
         self.eval_timesteps = 0  # environment steps spent evaluating
+        self.eval_seconds = 0.0  # wall time spent evaluating
         self.ring: SnapshotRing | None = None
         self._current = SnapshotRing(1, check_finite=False)  # the collapsed weights, while a restore is checked
         self._consecutive_rollbacks = 0
@@ -219,9 +222,11 @@ class RollbackCallback(EventCallback):
         env, n_episodes, deterministic = setup
         if self.model.get_vec_normalize_env() is not None:
             sync_envs_normalization(self.training_env, env)
+        started = time.perf_counter()
         returns, lengths = evaluate_policy(
             self.model, env, n_eval_episodes=n_episodes, deterministic=deterministic, return_episode_rewards=True,
         )
+        self.eval_seconds += time.perf_counter() - started
         self.eval_timesteps += int(np.sum(lengths))
         return Score.from_returns(self.num_timesteps, returns)
 
@@ -277,52 +282,65 @@ class RollbackCallback(EventCallback):
             self.ring.restore(sb3_training_state(self.model), snapshot)
 
     def _rollback(self, score: Score) -> None:
-        """Restore the last good snapshot; where an evaluation env exists, check it is still good first.
+        """Restore the last good snapshot, after checking that it is still better than the current weights.
 
-        If the restored weights score as badly as the collapsed ones, the environment has changed
-        rather than the agent collapsed: the current weights are put back and the current level
-        becomes the new reference. Without an evaluation env (online mode) that check is impossible,
-        and ``max_consecutive_rollbacks`` rollbacks in a row lead to the same conclusion.
+        Where an evaluation env exists, the snapshot is evaluated afresh once restored: its recorded
+        score was the best of many noisy evaluations (biased upward), and if the environment changed
+        it no longer holds at all. If the current score is not bad compared with that fresh score,
+        this was a false alarm: the current weights are put back and the fresh score becomes the
+        reference. Without an evaluation env (online mode) no such check is possible; there,
+        ``max_consecutive_rollbacks`` rollbacks in a row make the current level the reference.
         """
         assert self.ring is not None
         snapshot = self.ring.last_good
         assert snapshot is not None
-        can_verify = self._evaluation_setup() is not None
-        if not can_verify and self._consecutive_rollbacks >= self.max_consecutive_rollbacks:
-            self._rebase(score, f"{self._consecutive_rollbacks} rollbacks in a row")
-            return
-        if can_verify:
-            self._current.take(sb3_training_state(self.model), self.num_timesteps, score.mean)
-        self._restore(snapshot)
-        if can_verify:
-            check = self._evaluate()
-            self.logger.record("rollback/verify_score", check.mean)
-            if self.detector.is_bad(self._score_of(snapshot), check, self.history.floor):
-                self._restore(self._current.last_good)
-                self._rebase(score, f"the restored weights score {check.mean:.2f} too")
+        recorded_score = snapshot.score
+        if self._evaluation_setup() is None:
+            if self._consecutive_rollbacks >= self.max_consecutive_rollbacks:
+                self._rebase(score, f"{self._consecutive_rollbacks} rollbacks in a row")
                 return
+            self._restore(snapshot)
+            verified = None
+        else:
+            self._current.take(sb3_training_state(self.model), self.num_timesteps, score.mean)
+            self._restore(snapshot)
+            fresh = self._evaluate()
+            verified = fresh.mean
+            self.logger.record("rollback/verify_score", fresh.mean)
+            if not self.detector.is_bad(fresh, score, self.history.floor):
+                self._restore(self._current.last_good)
+                snapshot.score, snapshot.episode_returns = fresh.mean, np.asarray(fresh.episode_returns)
+                self._rebase(score, f"the snapshot of timestep {snapshot.timestep} now scores {fresh.mean:.2f}",
+                             new_best=fresh)
+                return
+            # Both evaluations of the snapshot inform the next comparison (less biased than the best one alone).
+            pooled = np.concatenate([snapshot.episode_returns if snapshot.episode_returns is not None
+                                     else [snapshot.score], fresh.episode_returns])
+            snapshot.score, snapshot.episode_returns = float(pooled.mean()), pooled
         self.detector.reset()
         self._consecutive_rollbacks += 1
         self._online_returns = []  # episodes played by the collapsed weights say nothing about the restored ones
-        event = RollbackEvent(self.num_timesteps, score.mean, snapshot.timestep, snapshot.score)
+        event = RollbackEvent(self.num_timesteps, score.mean, snapshot.timestep, recorded_score, verified)
         self.rollbacks.append(event)
         message = (f"Rollback at timestep {event.timestep}: score {event.score:.2f} "
                    f"(best {self.history.best:.2f}), restored the snapshot of timestep "
-                   f"{event.restored_timestep} (score {event.restored_score:.2f})")
+                   f"{event.restored_timestep} (score {event.restored_score:.2f}"
+                   + (f", {verified:.2f} when checked)" if verified is not None else ")"))
         self.logger.record("rollback/event", message, exclude=("stdout", "log", "json", "csv"))
         if self.verbose >= 1:
             print(message)
         if self.callback is not None:
             self._on_event()
 
-    def _rebase(self, score: Score, reason: str) -> None:
-        """Accept the current level as the reference: the old best has proved out of reach."""
+    def _rebase(self, score: Score, reason: str, new_best: Score | None = None) -> None:
+        """No rollback: take ``new_best`` (default: the current score) as the level to hold from now on."""
         self.rebases += 1
-        self.history.rebase(score)
+        self.history.rebase(new_best or score)
         if self.verbose >= 1:
-            print(f"Rollback: no rollback at timestep {self.num_timesteps} ({reason}); "
-                  f"taking the current score {score.mean:.2f} as the new reference")
-        self._snapshot(score)
+            print(f"Rollback: none at timestep {self.num_timesteps} ({reason}); the reference score is now "
+                  f"{self.history.best:.2f}")
+        if self.history.is_good(score):
+            self._snapshot(score)
         self.detector.reset()
         self._consecutive_rollbacks = 0
 
