@@ -227,6 +227,12 @@ class SnapshotRing:
         self._spare = self._slots.pop(0) if len(self._slots) > self.capacity else None
         return slot
 
+    def add(self, snapshot: Snapshot) -> None:
+        """Append an existing snapshot (e.g. one loaded from disk) as the newest; the oldest beyond capacity goes."""
+        self._slots.append(snapshot)
+        if len(self._slots) > self.capacity:
+            self._spare = self._slots.pop(0)
+
     def restore(self, state: TrainingState, snapshot: Snapshot) -> None:
         """Copy ``snapshot`` back into the live objects of ``state``, bitwise."""
         for name, obj in state.items():

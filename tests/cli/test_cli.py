@@ -1,0 +1,185 @@
+"""The rollback-rl command line: tiny runs in-process, bad input rejected before anything is written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollback_rl.cli import main
+from rollback_rl.hyperparams import parse_python_literal
+
+torch.set_num_threads(1)
+
+TINY_YAML = """\
+CartPole-v1:
+  learning_starts: 100
+  batch_size: 32
+  buffer_size: 1000
+  train_freq: 4
+  gradient_steps: 1
+  target_update_interval: 50
+  policy_kwargs: "dict(net_arch=[16])"
+"""
+TINY_RUN = ["--steps", "600", "--eval-freq", "200", "--eval-episodes", "2", "--no-progress"]
+
+
+def train_tiny(tmp_path: Path, *extra: str, run_name: str = "tiny") -> Path:
+    hyperparams = tmp_path / "tiny.yml"
+    hyperparams.write_text(TINY_YAML)
+    code = main(["train", "--hyperparams", str(hyperparams), "--logdir", str(tmp_path / "runs"),
+                 "--run-name", run_name, *TINY_RUN, *extra])
+    assert code == 0
+    return tmp_path / "runs" / run_name
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("cli"))
+
+
+def assert_usage_error(capsys, code: int, *words: str) -> str:
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("rollback-rl: error: ")
+    assert captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err
+    for word in words:
+        assert word in captured.err
+    return captured.err
+
+
+def test_train_writes_events_model_plot_and_run_info(tiny_run, capsys):
+    assert len(list(tiny_run.glob("events.out.tfevents.*"))) == 1
+    for name in ("model.zip", "learning_curve.png", "run.json", "progress.csv"):
+        assert (tiny_run / name).is_file(), name
+    info = json.loads((tiny_run / "run.json").read_text())
+    assert info["env"] == "CartPole-v1" and info["algorithm_class"] == "RollbackDQN" and info["rollback"]
+    assert info["steps"] == info["timesteps_done"] == 600
+    assert [e["timestep"] for e in info["evaluations"]] == [200, 400, 600]
+    assert info["hyperparameters"]["policy_kwargs"] == {"net_arch": [16]}
+    assert info["hyperparameters"]["learning_rate"] == 2.3e-3  # the Zoo default, not in tiny.yml
+    assert info["undo_log_bytes"] > 0 and info["rollbacks"] == []
+    assert set(info["versions"]) >= {"torch", "stable_baselines3", "gymnasium"}
+
+
+def test_train_prints_a_summary(tmp_path, capsys):
+    train_tiny(tmp_path)
+    out = capsys.readouterr().out
+    assert "Evaluation (2 greedy episodes every 200 steps): best" in out
+    assert "Rollbacks: 0" in out
+    assert "Undo log:" in out and "MiB" in out
+
+
+def test_no_rollback_runs_plain_dqn_on_the_same_evaluation_schedule(tmp_path):
+    run = train_tiny(tmp_path, "--no-rollback")
+    info = json.loads((run / "run.json").read_text())
+    assert info["algorithm_class"] == "DQN" and not info["rollback"]
+    assert [e["timestep"] for e in info["evaluations"]] == [200, 400, 600]
+    assert info["undo_log_bytes"] is None
+
+
+def test_other_algorithms_train_with_the_rollback_callback(tmp_path):
+    code = main(["train", "--algo", "a2c", "--logdir", str(tmp_path), "--run-name", "a2c", *TINY_RUN])
+    assert code == 0
+    info = json.loads((tmp_path / "a2c" / "run.json").read_text())
+    assert info["algorithm_class"] == "A2C" and len(info["evaluations"]) == 3
+
+
+def test_evaluate_prints_mean_on_fresh_seeds(tiny_run, capsys):
+    assert main(["evaluate", str(tiny_run / "model.zip"), "--episodes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "mean return" in out and "seeds 1000000-1000002" in out
+
+
+def test_evaluate_accepts_the_run_folder_and_needs_env_and_algo_without_run_json(tiny_run, tmp_path, capsys):
+    assert main(["evaluate", str(tiny_run), "--episodes", "1"]) == 0
+    assert "mean return" in capsys.readouterr().out
+    lone_model = tmp_path / "model.zip"
+    lone_model.write_bytes((tiny_run / "model.zip").read_bytes())
+    assert_usage_error(capsys, main(["evaluate", str(lone_model)]), "--env")
+    assert main(["evaluate", str(lone_model), "--env", "CartPole-v1", "--algo", "dqn", "--episodes", "1"]) == 0
+
+
+def test_plot_redraws_the_same_png(tiny_run, capsys):
+    png = tiny_run / "learning_curve.png"
+    drawn_by_train = png.read_bytes()
+    png.unlink()
+    assert main(["plot", str(tiny_run)]) == 0
+    assert png.read_bytes() == drawn_by_train
+
+
+# -- bad input: one line on stderr, exit status 2, no run folder ------------------------------------
+
+@pytest.mark.parametrize("yaml_body, words", [
+    ('  learning_rate: "fast"\n', ["learning_rate", "'fast'"]),
+    ("  batch_size: 1.5\n", ["batch_size", "1.5"]),
+    ("  learnin_rate: 0.001\n", ["learnin_rate", "did you mean 'learning_rate'"]),
+    ("  gamma: 1.5\n", ["gamma"]),
+    ("  policy_kwargs: \"__import__('os').system('echo hacked')\"\n", ["policy_kwargs", "not allowed"]),
+    ("  normalize: true\n", ["normalize", "not supported"]),
+])
+def test_bad_hyperparameter_file_is_rejected_before_the_run_folder(tmp_path, capsys, yaml_body, words):
+    hyperparams = tmp_path / "bad.yml"
+    hyperparams.write_text("CartPole-v1:\n" + yaml_body)
+    code = main(["train", "--hyperparams", str(hyperparams), "--logdir", str(tmp_path / "runs"), *TINY_RUN])
+    assert_usage_error(capsys, code, str(hyperparams), *words)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["CartPol-v1"], ["CartPol-v1"]),
+    (["--algo", "xyz"], ["--algo", "xyz"]),
+    (["--steps", "-5"], ["--steps", "-5"]),
+    (["--steps", "100", "--eval-freq", "200"], ["--steps", "--eval-freq"]),
+    (["--hyperparams", "no-such-file.yml"], ["no-such-file.yml"]),
+    (["--set", "batch_size=big"], ["--set", "batch_size"]),
+    (["--algo", "sac"], ["SAC", "CartPole-v1"]),  # SAC needs continuous actions
+    (["--no-rollback", "--set", "undo_depth=10"], ["undo_depth", "DQN"]),
+    (["--run-name", "../escape"], ["--run-name"]),
+])
+def test_bad_train_arguments_are_rejected_before_the_run_folder(tmp_path, capsys, arguments, words):
+    code = main(["train", "--logdir", str(tmp_path / "runs"), "--no-progress", *arguments])
+    assert_usage_error(capsys, code, *words)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_hyperparameter_file_without_a_section_for_the_env_is_rejected(tmp_path, capsys):
+    hyperparams = tmp_path / "acrobot.yml"
+    hyperparams.write_text("Acrobot-v1:\n  batch_size: 32\n")
+    code = main(["train", "--hyperparams", str(hyperparams), "--logdir", str(tmp_path / "runs")])
+    assert_usage_error(capsys, code, "no section for CartPole-v1", "Acrobot-v1")
+
+
+def test_existing_run_name_is_rejected(tiny_run, capsys):
+    code = main(["train", "--logdir", str(tiny_run.parent), "--run-name", tiny_run.name])
+    assert_usage_error(capsys, code, "already exists")
+
+
+def test_missing_model_file_is_rejected(tmp_path, capsys):
+    assert_usage_error(capsys, main(["evaluate", str(tmp_path / "nothing.zip")]), "nothing.zip", "not found")
+
+
+def test_plot_rejects_a_missing_or_empty_run_folder(tmp_path, capsys):
+    assert_usage_error(capsys, main(["plot", str(tmp_path / "missing")]), "missing", "not found")
+    assert_usage_error(capsys, main(["plot", str(tmp_path)]), "no TensorBoard event file")
+
+
+def test_zoo_policy_kwargs_strings_are_parsed_never_evaluated():
+    assert parse_python_literal("dict(net_arch=[256, 256], activation_fn=nn.ReLU)") == \
+        {"net_arch": [256, 256], "activation_fn": torch.nn.ReLU}
+    for unsafe in ("__import__('os')", "dict(a=open('x'))", "nn.Module.__subclasses__()", "[x for x in ()]"):
+        with pytest.raises(ValueError, match="not allowed"):
+            parse_python_literal(unsafe)
+
+
+def test_console_script_reports_bad_input_in_one_line(tmp_path):
+    script = Path(sys.executable).parent / "rollback-rl"
+    result = subprocess.run([str(script), "train", "--steps", "-5", "--logdir", str(tmp_path / "runs")],
+                            check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("rollback-rl: error: argument --steps")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
