@@ -12,12 +12,18 @@ every variant against a baseline gradient step without any logging, timed in the
 
 Target syncs are interleaved as in the Zoo schedule (train_freq 256 with 128 gradient steps and a sync
 every 10 env steps: about one sync per 5 gradient steps) and count as operations in every variant.
-Rounds alternate between variants so that machine noise hits all of them alike; each reports the
-median over rounds. Then ``RollbackDQN.train()`` (undo log and non-finite guard) is timed against
-SB3's ``DQN.train()``, and ``undo(n)`` is timed for a few n.
+Short rounds alternate between variants in random order; each round's time is divided by the baseline
+round of the same cycle, and the table gives the median of these paired ratios with a 95% bootstrap
+interval. Times are the CPU time of the training thread (with one torch thread it does all the work),
+so waiting for a core on a shared machine does not count; wall times are in the JSON. Because the
+paired ratio of a 1% effect is noisy on a shared machine, the undo log's own bookkeeping is also timed
+alone (``apply`` of an operation that does nothing, anchors included).
 
-Run: ``.venv/bin/python benchmarks/undo_cost.py`` (about two minutes on 2 cores); writes
-``benchmarks/out/undo_cost.json``.
+Then ``RollbackDQN.train()`` (undo log and non-finite guard) is timed against SB3's ``DQN.train()``
+the same way, and ``undo(n)`` is timed for a few n.
+
+Run: ``.venv/bin/python benchmarks/undo_cost.py`` (about six minutes on 2 cores; ``--rounds 4`` for a
+quick look); writes ``benchmarks/out/undo_cost.json``.
 """
 
 from __future__ import annotations
@@ -39,11 +45,11 @@ from stable_baselines3 import DQN
 from stable_baselines3.common.logger import Logger
 
 from rollback_rl.agents import RollbackDQN
+from rollback_rl.hyperparams import ZOO_DQN
 from rollback_rl.undo import UndoLog
 
-ZOO_CARTPOLE = dict(learning_rate=2.3e-3, batch_size=64, buffer_size=100_000, learning_starts=1_000, gamma=0.99,
-                    target_update_interval=10, train_freq=256, gradient_steps=128, exploration_fraction=0.16,
-                    exploration_final_eps=0.04, policy_kwargs=dict(net_arch=[256, 256]))
+ZOO_CARTPOLE = {k: v for k, v in ZOO_DQN["CartPole-v1"].items() if k not in ("n_timesteps", "policy")}
+BATCH = ZOO_CARTPOLE["batch_size"]
 SYNC_EVERY = 5  # gradient steps per target sync, as in the Zoo schedule (128 steps, ~25 syncs per round)
 
 
@@ -67,29 +73,31 @@ def live_tensors(model: DQN) -> list[torch.Tensor]:
             *(v for entries in optimizer_state for v in entries.values() if isinstance(v, torch.Tensor))]
 
 
-class FullCopyPerStep:
-    """The plain alternative: copy the whole training state after every operation, into reused buffers."""
+# -- the rejected alternatives ------------------------------------------------------------------------
 
-    def __init__(self, model: DQN, depth: int) -> None:
+class FullCopyPerStep:
+    """Copy the whole training state after every operation into a ring of preallocated buffers.
+
+    The ring is allocated (and its pages touched) up front, so the timing is the steady state: one
+    ``memcpy`` of the state per operation. Its bytes per step do not depend on how many slots it has.
+    """
+
+    def __init__(self, model: DQN, slots: int) -> None:
         self.live = live_tensors(model)
-        self.slots = deque(maxlen=depth)
-        self.depth = depth
+        self.slots = [[t.clone() for t in self.live] for _ in range(slots)]
+        self.next = 0
 
     def record(self) -> None:
-        if len(self.slots) == self.depth:
-            buffers = self.slots.popleft()
-        else:
-            buffers = [torch.empty_like(t) for t in self.live]
-        torch._foreach_copy_(buffers, self.live)
-        self.slots.append(buffers)
+        torch._foreach_copy_(self.slots[self.next], self.live)
+        self.next = (self.next + 1) % len(self.slots)
 
     @property
-    def bytes_per_step(self) -> float:
+    def bytes_per_operation(self) -> float:
         return float(sum(t.numel() * t.element_size() for t in self.live))
 
 
 class XorZlibLog:
-    """The delta alternative: XOR each tensor's bits against the previous state and compress them."""
+    """XOR each tensor's bits against the previous state and compress that; undo XORs back."""
 
     def __init__(self, model: DQN, depth: int, shuffle: bool) -> None:
         self.live = live_tensors(model)
@@ -97,7 +105,8 @@ class XorZlibLog:
         self.records: deque[list[bytes]] = deque(maxlen=depth)
         self.shuffle = shuffle
 
-    def _bits(self, tensor: torch.Tensor) -> np.ndarray:
+    @staticmethod
+    def _bits(tensor: torch.Tensor) -> np.ndarray:
         return tensor.reshape(-1).numpy().view(np.uint8).reshape(-1, tensor.element_size())
 
     def record(self) -> None:
@@ -105,7 +114,7 @@ class XorZlibLog:
         for live, previous in zip(self.live, self.previous):
             delta = np.bitwise_xor(self._bits(live), self._bits(previous))
             if self.shuffle:
-                delta = delta.T  # byte planes: the sign/exponent bytes of a small change are mostly zero
+                delta = delta.T  # byte planes: the sign and exponent bytes of a small change are mostly zero
             blobs.append(zlib.compress(np.ascontiguousarray(delta).tobytes(), 1))
             previous.copy_(live)
         self.records.append(blobs)
@@ -115,22 +124,19 @@ class XorZlibLog:
             for blob, previous in zip(self.records.pop(), self.previous):
                 width = previous.element_size()
                 delta = np.frombuffer(zlib.decompress(blob), dtype=np.uint8)
-                delta = delta.reshape(width, -1).T if self.shuffle else delta.reshape(-1, width)
                 bits = self._bits(previous)
-                bits ^= delta
+                bits ^= delta.reshape(width, -1).T if self.shuffle else delta.reshape(-1, width)
         torch._foreach_copy_(self.live, self.previous)
 
     @property
-    def bytes_per_step(self) -> float:
+    def bytes_per_operation(self) -> float:
         return float(np.mean([sum(len(b) for b in blobs) for blobs in self.records]))
 
 
-class Clock:
-    """Seconds of this thread's CPU time, and of wall time, spent inside a ``with`` block.
+# -- timing -------------------------------------------------------------------------------------------
 
-    CPU time is the primary measure: on a shared machine, wall time also counts the time this process
-    waited for a core. With one torch thread all the work of a gradient step runs on this thread.
-    """
+class Clock:
+    """CPU time of this thread and wall time spent inside a ``with`` block, in seconds."""
 
     def __enter__(self) -> Clock:
         self._cpu, self._wall = time.thread_time(), time.perf_counter()
@@ -143,7 +149,7 @@ class Clock:
 def run_operations(model: RollbackDQN, steps: int, log: UndoLog | None, after_each=None) -> Clock:
     """Run ``steps`` gradient steps (with a target sync after every SYNC_EVERY-th), timed."""
     learning_rate = model.lr_schedule(1.0)
-    batches = [model.replay_buffer.sample(64) for _ in range(steps)]  # sampled outside the timing
+    batches = [model.replay_buffer.sample(BATCH) for _ in range(steps)]  # sampled outside the timing
     with Clock() as clock:
         for index, batch in enumerate(batches):
             if log is None:
@@ -162,31 +168,48 @@ def run_operations(model: RollbackDQN, steps: int, log: UndoLog | None, after_ea
     return clock
 
 
-def state_copy(model: DQN) -> list[torch.Tensor]:
-    return [t.clone() for t in live_tensors(model)]
+def median_interval(values: np.ndarray, rng: np.random.Generator, resamples: int = 2_000) -> list[float]:
+    """95% percentile-bootstrap interval of the median."""
+    medians = np.median(rng.choice(values, size=(resamples, len(values))), axis=1)
+    return [float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))]
 
 
-def timing_summary(seconds_per_step: dict[str, list[Clock]], baseline: str, steps: int) -> dict:
-    """Median microseconds per gradient step and median ratio to the baseline round of the same cycle."""
+def timing_summary(clocks: dict[str, list[Clock]], baseline: str, steps: int, rng: np.random.Generator) -> dict:
+    """Per variant: microseconds per gradient step, and its paired ratio to the baseline round."""
     summary = {}
-    for name, clocks in seconds_per_step.items():
+    for name, rounds in clocks.items():
         row = {}
         for kind in ("cpu", "wall"):
-            times = np.array([getattr(c, kind) for c in clocks]) / steps
-            base = np.array([getattr(c, kind) for c in seconds_per_step[baseline]]) / steps
-            ratios = times / base  # paired by round, so slow phases of the machine cancel
-            row[f"{kind}_us_per_gradient_step_median"] = float(np.median(times) * 1e6)
-            row[f"{kind}_ratio_vs_{baseline}_median"] = float(np.median(ratios))
-            row[f"{kind}_ratio_vs_{baseline}_iqr"] = [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))]
-            row[f"{kind}_us_per_gradient_step_per_round"] = [float(t * 1e6) for t in times]
+            times = np.array([getattr(c, kind) for c in rounds]) / steps
+            ratios = times / (np.array([getattr(c, kind) for c in clocks[baseline]]) / steps)
+            row[kind] = {"us_per_gradient_step_median": float(np.median(times) * 1e6),
+                         "ratio_median": float(np.median(ratios)),
+                         "ratio_median_95ci": median_interval(ratios, rng),
+                         "us_per_gradient_step_per_round": [float(t * 1e6) for t in times]}
         summary[name] = row
     return summary
 
 
+def bookkeeping_seconds(model: RollbackDQN, depth: int, anchor_interval: int, operations: int) -> float:
+    """The undo log's own cost per operation: ``apply`` of a no-op with the real minibatch and state."""
+    log = UndoLog(RollbackDQN.training_state(model), max_depth=depth, max_bytes=2**40, anchor_interval=anchor_interval)
+    batches = [model.replay_buffer.sample(BATCH) for _ in range(operations)]
+
+    def nothing(batch, learning_rate):
+        return None
+
+    for batch in batches[:depth + 2 * anchor_interval]:  # reach the steady state: anchors recycled
+        log.apply(nothing, batch, 1e-3)
+    with Clock() as clock:
+        for batch in batches:
+            log.apply(nothing, batch, 1e-3)
+    return clock.cpu / operations
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=9, help="alternating timing rounds per variant")
-    parser.add_argument("--steps", type=int, default=256, help="gradient steps per round")
+    parser.add_argument("--rounds", type=int, default=30, help="alternating timing rounds per variant")
+    parser.add_argument("--steps", type=int, default=64, help="gradient steps per round")
     parser.add_argument("--depth", type=int, default=1_000, help="undo depth (gradient steps) of every variant")
     parser.add_argument("--anchor-interval", type=int, default=100, help="undo log: operations per full copy")
     parser.add_argument("--seed", type=int, default=0)
@@ -205,10 +228,10 @@ def main() -> None:
     param_bytes = sum(p.numel() * p.element_size() for p in models["baseline"].q_net.parameters())
     state_bytes = sum(t.numel() * t.element_size() for t in live_tensors(models["baseline"]))
 
-    # Each variant records the training state of its own model.
+    # Each variant records its own model; rounds alternate between them in random order.
     undo_log = UndoLog(RollbackDQN.training_state(models["undo_log"]), max_depth=args.depth,
                        max_bytes=2**40, anchor_interval=args.anchor_interval)
-    full_copy = FullCopyPerStep(models["full_copy"], args.depth)
+    full_copy = FullCopyPerStep(models["full_copy"], min(args.depth, 64))  # depth slots would take GBs
     xor = XorZlibLog(models["xor_zlib"], args.depth, shuffle=False)
     xor_shuffle = XorZlibLog(models["xor_shuffle_zlib"], args.depth, shuffle=True)
     record_after_each = {"full_copy": full_copy.record, "xor_zlib": xor.record, "xor_shuffle_zlib": xor_shuffle.record}
@@ -218,24 +241,25 @@ def main() -> None:
             log = undo_log if name == "undo_log" else None
             clocks[name].append(run_operations(models[name], args.steps, log, record_after_each.get(name)))
 
-    # The XOR log must be lossless to count: undo a few steps and compare with a copy taken then.
-    reference = state_copy(models["xor_shuffle_zlib"])
+    # The XOR log must be lossless to count: undo a few steps and compare with a copy taken before them.
+    reference = [t.clone() for t in live_tensors(models["xor_shuffle_zlib"])]
     run_operations(models["xor_shuffle_zlib"], 3, None, xor_shuffle.record)
     xor_shuffle.undo(3)
     assert all(torch.equal(a, b) for a, b in zip(live_tensors(models["xor_shuffle_zlib"]), reference))
 
-    # The delta variants store one record per operation: (1 + 1/SYNC_EVERY) of them per gradient step.
-    per_operation = 1 + 1 / SYNC_EVERY
+    # The per-operation variants store one record per gradient step and per target sync.
+    operations_per_step = 1 + 1 / SYNC_EVERY
     bytes_per_step = {"baseline": 0.0, "undo_log": undo_log.bytes_per_step,
-                      "full_copy": full_copy.bytes_per_step * per_operation,
-                      "xor_zlib": xor.bytes_per_step * per_operation,
-                      "xor_shuffle_zlib": xor_shuffle.bytes_per_step * per_operation}
-    results = timing_summary(clocks, "baseline", args.steps)
+                      **{name: log.bytes_per_operation * operations_per_step
+                         for name, log in (("full_copy", full_copy), ("xor_zlib", xor),
+                                           ("xor_shuffle_zlib", xor_shuffle))}}
+    results = timing_summary(clocks, "baseline", args.steps, rng)
     for name in variants:
         results[name]["bytes_per_gradient_step"] = bytes_per_step[name]
         results[name]["bytes_ratio_vs_q_net_parameters"] = bytes_per_step[name] / param_bytes
-    undo_log_layout = {"anchors": undo_log.n_anchors, "anchor_bytes": undo_log._segments[-1].anchor_bytes,
-                       "nbytes": undo_log.nbytes, "depth": undo_log.depth, "operations": len(undo_log)}
+    undo_log_layout = {"anchors": undo_log.n_anchors, "anchor_bytes": state_bytes, "nbytes": undo_log.nbytes,
+                       "depth": undo_log.depth, "operations": len(undo_log)}
+    bookkeeping = bookkeeping_seconds(models["baseline"], args.depth, args.anchor_interval, 5 * args.depth)
 
     # undo(n): restore the anchor at or before the target, replay the operations after it.
     undo_seconds: dict[int, list[float]] = {}
@@ -247,9 +271,10 @@ def main() -> None:
             with Clock() as clock:
                 undo_log.undo(n)
             undo_seconds[n].append(clock.cpu)
+    anchor = undo_log._segments[-1].anchor
     with Clock() as clock:
         for _ in range(20):
-            undo_log._segments[-1].anchor.restore_last_good(undo_log.state)
+            anchor.restore_last_good(undo_log.state)
     restore_seconds = clock.cpu / 20
 
     # End to end: RollbackDQN.train() (undo log + non-finite guard) against SB3's DQN.train().
@@ -257,36 +282,46 @@ def main() -> None:
               "RollbackDQN(undo_depth=0)": make_model(RollbackDQN, args.seed, undo_depth=0)}
     for agent in agents.values():
         agent.replay_buffer = source.replay_buffer
-        agent.train(20, 64)
+        agent.train(20, BATCH)
     train_clocks: dict[str, list[Clock]] = {name: [] for name in agents}
-    for _ in range(2 * args.rounds):
+    for _ in range(2 * args.rounds):  # twice as many: this is the figure users pay
         for name in rng.permutation(list(agents)):
             with Clock() as clock:
-                agents[name].train(128, 64)
+                agents[name].train(args.steps, BATCH)
             train_clocks[name].append(clock)
-    train_results = timing_summary(train_clocks, "DQN", 128)
-    train_results["RollbackDQN"]["undo_log_bytes_per_gradient_step"] = agents["RollbackDQN"].undo_log.bytes_per_step
+    train_results = timing_summary(train_clocks, "DQN", args.steps, rng)
+    guard = agents["RollbackDQN"]
+    with Clock() as clock:
+        for _ in range(1_000):
+            guard._weights_finite()
+    weight_check_seconds = clock.cpu / 1_000
 
+    baseline_us = results["baseline"]["cpu"]["us_per_gradient_step_median"]
     print(f"torch {torch.__version__}, SB3 {stable_baselines3.__version__}, gymnasium {gymnasium.__version__}, "
-          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
-    print(f"Q-network parameters: {param_bytes} bytes; whole training state (Q, target, Adam): {state_bytes} bytes")
+          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"Q-network parameters: {param_bytes} bytes; training state (Q, target, Adam): {state_bytes} bytes")
     print(f"{args.rounds} rounds x {args.steps} gradient steps, a target sync every {SYNC_EVERY}; depth {args.depth}; "
-          "times are this thread's CPU time (wall time in the JSON)\n")
-    print(f"{'variant':<18}{'us/step':>9}{'ratio':>8}{'ratio IQR':>15}{'bytes/step':>12}{'x Q params':>12}")
+          "CPU time of the training thread\n")
+    print(f"{'variant':<18}{'us/step':>9}{'time ratio':>12}{'95% CI':>16}{'bytes/step':>12}{'x Q params':>12}")
     for name, row in results.items():
-        low, high = row["cpu_ratio_vs_baseline_iqr"]
-        print(f"{name:<18}{row['cpu_us_per_gradient_step_median']:>9.0f}{row['cpu_ratio_vs_baseline_median']:>8.3f}"
-              f"{f'{low:.3f}-{high:.3f}':>15}{row['bytes_per_gradient_step']:>12.0f}"
+        low, high = row["cpu"]["ratio_median_95ci"]
+        print(f"{name:<18}{row['cpu']['us_per_gradient_step_median']:>9.0f}{row['cpu']['ratio_median']:>12.3f}"
+              f"{f'{low:.3f}-{high:.3f}':>16}{row['bytes_per_gradient_step']:>12.0f}"
               f"{row['bytes_ratio_vs_q_net_parameters']:>12.3f}")
-    print(f"\nundo log after the rounds: {undo_log_layout}, an anchor every {args.anchor_interval} operations")
+    print(f"\nundo log bookkeeping alone: {bookkeeping * 1e6:.1f} us per operation, "
+          f"{bookkeeping * operations_per_step / (baseline_us * 1e-6):.2%} of a baseline gradient step")
+    print(f"undo log after the rounds: {undo_log_layout}, an anchor every {args.anchor_interval} operations")
     for n, seconds in undo_seconds.items():
         print(f"undo({n}): median {np.median(seconds) * 1e3:.1f} ms, max {np.max(seconds) * 1e3:.1f} ms")
-    print(f"restore of one full copy alone: {restore_seconds * 1e6:.0f} us\n")
-    print(f"{'train(128, 64) of':<28}{'us/step':>9}{'ratio vs DQN':>14}{'ratio IQR':>15}")
+    print(f"restore of one anchor alone: {restore_seconds * 1e6:.0f} us\n")
+    print(f"{'train() of':<28}{'us/step':>9}{'ratio vs DQN':>14}{'95% CI':>16}")
     for name, row in train_results.items():
-        low, high = row["cpu_ratio_vs_DQN_iqr"]
-        print(f"{name:<28}{row['cpu_us_per_gradient_step_median']:>9.0f}{row['cpu_ratio_vs_DQN_median']:>14.3f}"
-              f"{f'{low:.3f}-{high:.3f}':>15}")
+        low, high = row["cpu"]["ratio_median_95ci"]
+        print(f"{name:<28}{row['cpu']['us_per_gradient_step_median']:>9.0f}{row['cpu']['ratio_median']:>14.3f}"
+              f"{f'{low:.3f}-{high:.3f}':>16}")
+    dqn_us = train_results["DQN"]["cpu"]["us_per_gradient_step_median"]
+    print(f"non-finite guard's weight check alone: {weight_check_seconds * 1e6:.1f} us per gradient step, "
+          f"{weight_check_seconds / (dqn_us * 1e-6):.2%} of a DQN.train() step")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
@@ -295,14 +330,16 @@ def main() -> None:
                     "python": platform.python_version(), "processor": platform.processor() or platform.machine(),
                     "load_average_at_end": os.getloadavg()},
         "config": {**vars(args), "out": str(args.out), "sync_every_gradient_steps": SYNC_EVERY,
-                   "net_arch": [256, 256], "batch_size": 64, "learning_rate": 2.3e-3},
+                   "hyperparameters": ZOO_CARTPOLE},
         "q_net_parameter_bytes": param_bytes,
         "training_state_bytes": state_bytes,
         "variants": results,
+        "undo_log_bookkeeping_cpu_seconds_per_operation": bookkeeping,
         "undo_log_after_rounds": undo_log_layout,
         "undo_cpu_seconds": {str(n): seconds for n, seconds in undo_seconds.items()},
         "restore_one_anchor_cpu_seconds": restore_seconds,
         "train_call": train_results,
+        "weight_check_cpu_seconds_per_gradient_step": weight_check_seconds,
     }, indent=2))
     print(f"\nwrote {args.out}")
 

@@ -76,6 +76,13 @@ def clone_state(learner: TinyLearner) -> dict:
     }
 
 
+def state_bytes(learner: TinyLearner) -> int:
+    """Bytes of one full copy of the learner's training state."""
+    tensors = [*learner.net.state_dict().values(), *learner.target.state_dict().values(),
+               *(v for entries in learner.optimizer.state.values() for v in entries.values())]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def assert_bitwise_equal(actual, expected, path: str = "state") -> None:
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, path
@@ -183,10 +190,7 @@ def test_mark_that_fell_off_or_was_undone_past_raises():
 def test_memory_budget_is_respected_and_oldest_anchors_go_first():
     learner = TinyLearner()
     learner.train(None, 1)  # Adam's state exists: anchors have their final size
-    anchor_bytes = sum(t.numel() * t.element_size() for t in
-                       [*learner.net.state_dict().values(), *learner.target.state_dict().values()]
-                       + [v for s in learner.optimizer.state.values() for v in s.values()])
-    budget = 3 * anchor_bytes + 2_000
+    budget = 3 * state_bytes(learner) + 2_000
     log = UndoLog(learner.state(), max_depth=1_000, max_bytes=budget, anchor_interval=4)
     states: list = []
     for _ in range(30):
@@ -246,8 +250,7 @@ def test_forget_last_drops_a_step_that_changed_nothing():
 def test_nbytes_counts_anchors_and_minibatches():
     _, log, _ = trained(steps=8, anchor_interval=100)
     minibatch_bytes = (8 * 3 + 8) * 4
-    anchor_bytes = log._segments[0].anchor_bytes
-    assert log.nbytes == anchor_bytes + 8 * minibatch_bytes
+    assert log.nbytes == state_bytes(TinyLearner()) + 8 * minibatch_bytes  # anchored before Adam had state
     assert log.bytes_per_step == pytest.approx(log.nbytes / 8)
 
 
@@ -260,8 +263,6 @@ def test_invalid_arguments_raise():
 
 def test_dropped_anchors_buffers_are_reused_not_doubled():
     learner, log, _ = trained(steps=60, max_depth=10)
-    state_bytes = sum(t.numel() * t.element_size() for t in
-                      [*learner.net.state_dict().values(), *learner.target.state_dict().values()]
-                      + [v for s in learner.optimizer.state.values() for v in s.values()])
-    assert all(s.anchor.nbytes == state_bytes for s in log._segments)
-    assert log.nbytes <= (log.n_anchors + 1) * state_bytes + 20 * (8 * 3 + 8) * 4
+    full_copy = state_bytes(learner)
+    assert all(segment.anchor.nbytes == full_copy for segment in log._segments)
+    assert log.nbytes <= (log.n_anchors + 1) * full_copy + 20 * (8 * 3 + 8) * 4

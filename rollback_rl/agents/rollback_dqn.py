@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch as th
@@ -63,8 +64,9 @@ class RollbackDQN(DQN):
     The undo log and the snapshots live in memory only: ``save()`` leaves them out and ``load()``
     starts with empty ones. Change the networks only through this class (``rollback``,
     ``restore_snapshot``, ``set_parameters``), or call ``undo_log.note_external_change()`` afterwards.
-    Undo counters: ``num_timesteps``, ``_n_updates``, schedules, the replay buffer and random
-    generators are not reverted, only the training state.
+    Undoing puts back the training state only: ``num_timesteps``, ``_n_updates``, the schedules, the
+    replay buffer and the random generators keep going. The log keeps each minibatch the replay buffer
+    returns (SB3's buffers return fresh copies), so a custom buffer must not reuse its output tensors.
 
     :param policy: as for ``DQN``; any further positional and keyword arguments go to ``DQN``
     :param env: as for ``DQN``
@@ -136,7 +138,7 @@ class RollbackDQN(DQN):
         self.policy.optimizer.zero_grad()
         loss.backward()
         gradient_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-        if not th.isfinite(gradient_norm):
+        if not math.isfinite(gradient_norm.item()):
             return loss_value, False
         self.policy.optimizer.step()
         return loss_value, True
@@ -201,7 +203,7 @@ class RollbackDQN(DQN):
 
     def _weights_finite(self) -> bool:
         # One fused norm over all Q-network tensors: NaN or inf anywhere makes it non-finite.
-        return bool(th.isfinite(th.stack(th._foreach_norm(self._q_parameters)).sum()))
+        return math.isfinite(th.stack(th._foreach_norm(self._q_parameters)).sum().item())
 
     def _undo_nonfinite_step(self) -> None:
         if self.undo_log is not None and self.undo_log.depth >= 1:

@@ -11,6 +11,7 @@ from stable_baselines3 import DQN
 from stable_baselines3.common.save_util import load_from_zip_file
 
 from rollback_rl.agents import RollbackDQN
+from rollback_rl.snapshots import SnapshotRing
 from rollback_rl.undo import UndoUnavailableError
 
 torch.set_num_threads(1)
@@ -172,6 +173,20 @@ def test_rollback_restores_the_snapshot_and_undo_can_cross_it():
     assert_bitwise_equal(clone_state(model), snapshot_state)
     model.undo_to(mark)
     assert_bitwise_equal(clone_state(model), before_rollback)
+
+
+def test_restore_snapshot_of_another_ring_is_anchored_in_the_undo_log():
+    # RollbackCallback restores through restore_snapshot(), also snapshots from its own rings.
+    model = make().learn(120)
+    other_ring = SnapshotRing(1, check_finite=False)
+    snapshot = other_ring.take(model.training_state(), timestep=model.num_timesteps, score=0.0)
+    snapshot_state = clone_state(model)
+    model.learn(100, reset_num_timesteps=False)
+    model.restore_snapshot(snapshot)
+    assert_bitwise_equal(clone_state(model), snapshot_state)
+    model.train(gradient_steps=2, batch_size=16)
+    model.undo(2)
+    assert_bitwise_equal(clone_state(model), snapshot_state)
 
 
 def test_rollback_without_snapshot_raises():
