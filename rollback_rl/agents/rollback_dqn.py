@@ -19,11 +19,11 @@ import numpy as np
 import torch as th
 from stable_baselines3 import DQN
 from stable_baselines3.common.buffers import ReplayBufferSamples
-from stable_baselines3.common.save_util import recursive_getattr
 from stable_baselines3.common.type_aliases import TensorDict
 from stable_baselines3.common.utils import polyak_update, update_learning_rate
 from torch.nn import functional as F
 
+from rollback_rl.callbacks.rollback import sb3_training_state
 from rollback_rl.snapshots import Snapshot, SnapshotRing, TrainingState
 from rollback_rl.undo import UndoLog, UndoMark
 
@@ -102,14 +102,8 @@ class RollbackDQN(DQN):
         self.rollback_snapshots = _AgentSnapshotRing(self.snapshot_capacity, on_restore=self._note_external_change)
         self.undo_log = None
         if self.undo_depth > 0:
-            self.undo_log = UndoLog(self.training_state(), max_depth=self.undo_depth,
+            self.undo_log = UndoLog(sb3_training_state(self), max_depth=self.undo_depth,
                                     max_bytes=self.undo_memory_budget, anchor_interval=self.undo_anchor_interval)
-
-    def training_state(self) -> dict[str, Any]:
-        """The objects a restore must put back, as SB3 saves them: the policy (Q-network and target
-        network) and its optimizer."""
-        state_dicts, tensors = self._get_torch_save_params()
-        return {name: recursive_getattr(self, name) for name in [*state_dicts, *tensors]}
 
     def _excluded_save_params(self) -> list[str]:
         # In-memory history only: load() rebuilds both empty in _setup_model().
@@ -262,7 +256,7 @@ class RollbackDQN(DQN):
         :raises NonFiniteStateError: if the weights or optimizer state hold NaN or inf
         """
         timestep = self.num_timesteps if timestep is None else timestep
-        return self.rollback_snapshots.take(self.training_state(), timestep=timestep, score=score)
+        return self.rollback_snapshots.take(sb3_training_state(self), timestep=timestep, score=score)
 
     def rollback(self) -> Snapshot:
         """Restore the last good snapshot and return it.
@@ -277,7 +271,7 @@ class RollbackDQN(DQN):
 
     def restore_snapshot(self, snapshot: Snapshot) -> None:
         """Restore any snapshot of this model's training state (the undo log anchors the result)."""
-        self.rollback_snapshots.restore(self.training_state(), snapshot)
+        self.rollback_snapshots.restore(sb3_training_state(self), snapshot)
 
     def set_parameters(self, load_path_or_dict: str | TensorDict, exact_match: bool = True,
                        device: th.device | str = "auto") -> None:

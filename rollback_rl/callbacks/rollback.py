@@ -40,10 +40,8 @@ def sb3_training_state(model: BaseAlgorithm) -> dict[str, Any]:
 
     Uses ``model._get_torch_save_params()``, so every algorithm is covered the way ``model.save()``
     covers it: the policy (with DQN's target network, SAC/TD3's target critics), every optimizer, and
-    extra tensors such as SAC's ``log_ent_coef``. A model may supply its own ``training_state()``.
+    extra tensors such as SAC's ``log_ent_coef``.
     """
-    if hasattr(model, "training_state"):
-        return model.training_state()
     state_dicts, tensors = model._get_torch_save_params()
     return {name: recursive_getattr(model, name) for name in [*state_dicts, *tensors]}
 

@@ -11,6 +11,7 @@ from stable_baselines3 import DQN
 from stable_baselines3.common.save_util import load_from_zip_file
 
 from rollback_rl.agents import RollbackDQN
+from rollback_rl.callbacks import sb3_training_state
 from rollback_rl.snapshots import SnapshotRing
 from rollback_rl.undo import UndoUnavailableError
 
@@ -179,7 +180,7 @@ def test_restore_snapshot_of_another_ring_is_anchored_in_the_undo_log():
     # RollbackCallback restores through restore_snapshot(), also snapshots from its own rings.
     model = make().learn(120)
     other_ring = SnapshotRing(1, check_finite=False)
-    snapshot = other_ring.take(model.training_state(), timestep=model.num_timesteps, score=0.0)
+    snapshot = other_ring.take(sb3_training_state(model), timestep=model.num_timesteps, score=0.0)
     snapshot_state = clone_state(model)
     model.learn(100, reset_num_timesteps=False)
     model.restore_snapshot(snapshot)
@@ -216,8 +217,8 @@ def test_save_load_round_trip_leaves_the_undo_log_out(tmp_path):
 
 def test_training_state_and_snapshot_ring_are_what_rollback_callback_uses():
     model = make()
-    assert set(model.training_state()) == {"policy", "policy.optimizer"}
-    assert model.training_state()["policy"] is model.policy
+    assert set(sb3_training_state(model)) == {"policy", "policy.optimizer"}
+    assert sb3_training_state(model)["policy"] is model.policy
     assert model.rollback_snapshots.capacity == 3
 
 
