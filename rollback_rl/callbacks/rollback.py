@@ -15,7 +15,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.save_util import recursive_getattr
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, sync_envs_normalization
 
-from rollback_rl.detectors import CollapseDetector, Score, ScoreHistory, SignificantDrop
+from rollback_rl.detectors import CollapseDetector, Score, ScoreHistory, SignificantDrop, normalised_drop
 from rollback_rl.snapshots import NonFiniteStateError, Snapshot, SnapshotRing
 
 EVAL_SEED_OFFSET = 10_000  # evaluation episodes never share seeds with the training env's
@@ -77,9 +77,9 @@ class RollbackCallback(EventCallback):
     learning-rate schedule are left as they are (pass ``callback_on_rollback`` to change them).
 
     Rollback loops and false alarms are guarded against: where an evaluation env exists, the restored
-    weights are evaluated afresh at once; unless the current score is bad compared with that fresh
-    score (the environment changed, or the snapshot's best score was a lucky one), the current weights
-    stay and the fresh score becomes the reference. Without an evaluation env, the current level
+    weights are evaluated afresh at once; unless they still beat the current score by more than
+    ``tolerance`` (if not, the environment changed, or the snapshot's best score was a lucky one), the
+    current weights stay and the fresh score becomes the reference. Without an evaluation env, the current level
     becomes the reference after ``max_consecutive_rollbacks`` rollbacks in a row with no good score
     in between.
 
@@ -284,9 +284,9 @@ class RollbackCallback(EventCallback):
 
         Where an evaluation env exists, the snapshot is evaluated afresh once restored: its recorded
         score was the best of many noisy evaluations (biased upward), and if the environment changed
-        it no longer holds at all. If the current score is not bad compared with that fresh score,
-        this was a false alarm: the current weights are put back and the fresh score becomes the
-        reference. Without an evaluation env (online mode) no such check is possible; there,
+        it no longer holds at all. Unless the fresh score beats the current one by more than
+        ``tolerance`` of the learned range, this was a false alarm: the current weights are put back
+        and the fresh score becomes the reference. Without an evaluation env (online mode) no such check is possible; there,
         ``max_consecutive_rollbacks`` rollbacks in a row make the current level the reference.
         """
         assert self.ring is not None
@@ -305,7 +305,9 @@ class RollbackCallback(EventCallback):
             fresh = self._evaluate()
             verified = fresh.mean
             self.logger.record("rollback/verify_score", fresh.mean)
-            if not self.detector.is_bad(fresh, score, self.history.floor):
+            # The detector already judged the fall from the recorded score real; now the snapshot only
+            # has to be clearly better than the current weights (by more than the "good" tolerance).
+            if normalised_drop(fresh.mean, score.mean, self.history.floor) <= self.history.tolerance:
                 self._restore(self._current.last_good)
                 snapshot.score, snapshot.episode_returns = fresh.mean, np.asarray(fresh.episode_returns)
                 self._rebase(score, f"the snapshot of timestep {snapshot.timestep} now scores {fresh.mean:.2f}",
