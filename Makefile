@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	# CPU build of torch: the default PyPI wheel is a ~5 GB CUDA build these small networks do not need.
 	$(VENV)/bin/pip install -q torch==2.13.0 || $(VENV)/bin/pip install -q "torch>=2.3"
-	$(VENV)/bin/pip install -q -e ".[test]"
+	# ray: the compare command's Ray backend is tested against a real local Ray instance.
+	$(VENV)/bin/pip install -q -e ".[test,ray,box2d]"
 	touch $(STAMP)
 
 install: $(STAMP)
