@@ -17,10 +17,11 @@ from scipy import stats
 
 def iqm(scores: Sequence[float] | np.ndarray) -> float:
     """Interquartile mean: the mean of the middle 50% of ``scores`` (rliable's ``aggregate_iqm``)."""
-    values = np.asarray(scores, dtype=float).ravel()
+    values = np.sort(np.asarray(scores, dtype=float).ravel())
     if values.size == 0:
         raise ValueError("iqm of no scores")
-    return float(stats.trim_mean(values, proportiontocut=0.25))
+    cut = int(0.25 * values.size)  # as scipy.stats.trim_mean(values, 0.25), without its overhead
+    return float(values[cut:values.size - cut].mean())
 
 
 def stratified_bootstrap_interval(

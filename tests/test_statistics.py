@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import stats
 
 from rollback_rl.statistics import (iqm, normalised_area_under_curve, performance_profile,
                                     stratified_bootstrap_interval, wilson_interval)
@@ -8,6 +9,8 @@ from rollback_rl.statistics import (iqm, normalised_area_under_curve, performanc
 def test_iqm_is_the_mean_of_the_middle_half():
     assert iqm([0, 100, 200, 300, 400, 500, 600, 10_000]) == pytest.approx(350.0)  # mean of 200..500
     assert iqm([500] * 7 + [17]) == 500.0  # one collapsed seed among eight does not move the IQM
+    values = np.random.default_rng(0).normal(size=37)
+    assert iqm(values) == pytest.approx(stats.trim_mean(values, 0.25))
 
 
 def test_stratified_bootstrap_keeps_tasks_apart_and_brackets_the_estimate():
