@@ -181,7 +181,10 @@ class CheckpointStore:
         """Delete checkpoints beyond the ``keep`` newest (never ``current``) and leftover temporaries."""
         steps = [s for s in self.steps() if s != current]
         for step in steps[:max(0, len(steps) - (self.keep - 1))]:
-            shutil.rmtree(self.path_of(step), ignore_errors=True)
+            # Renamed first: a crash in the middle of rmtree must not leave a half-deleted checkpoint-<step>.
+            doomed = self.run_dir / f"{_TEMPORARY_PREFIX}{int(step)}-pruned-{uuid.uuid4().hex[:8]}"
+            os.replace(self.path_of(step), doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
         for leftover in self.run_dir.glob(f"{_TEMPORARY_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
@@ -214,8 +217,9 @@ class CheckpointStore:
         return Checkpoint(int(step), path, from_json_and_tensors(manifest.get("metadata", {}), {}),
                           {n: e["sha256"] for n, e in manifest["files"].items()})
 
-    def _candidates(self) -> Iterator[int]:
-        """The step ``LATEST`` names first (the last save that completed), then the others, newest first."""
+    def candidate_steps(self) -> Iterator[int]:
+        """Steps to try loading, best first: the one ``LATEST`` names (the last save that completed),
+        then the others, newest first."""
         pointed = None
         try:
             match = _NAME.fullmatch((self.run_dir / LATEST).read_text().strip())
@@ -234,7 +238,7 @@ class CheckpointStore:
         checkpoint continues from its own). A checkpoint that does not verify is skipped with a
         warning, and the next newest is tried.
         """
-        for step in self._candidates():
+        for step in self.candidate_steps():
             try:
                 return self.load(step)
             except (SafeLoadError, OSError, KeyError, TypeError) as error:

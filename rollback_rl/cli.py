@@ -1,14 +1,23 @@
 """The ``rollback-rl`` command: train an agent with rollback, score a saved model, re-draw a run's plot.
 
     rollback-rl train [ENV_ID] [--algo dqn] [--steps N] [--seed 0] [--no-rollback] [--hyperparams FILE]
+    rollback-rl train --resume RUN_DIR
     rollback-rl evaluate MODEL_PATH [--episodes 100] [--seed 0]
     rollback-rl plot RUN_DIR
 
 ``train`` reads top to bottom: check every input, build the environments and the model, and only then
 create the run folder ``<logdir>/<run name>/``, which receives the TensorBoard events file (with a
-custom-scalars layout), ``progress.csv``, ``model.zip``, ``learning_curve.png`` and ``run.json``.
+custom-scalars layout), ``progress.csv``, a durable checkpoint every ``--checkpoint-freq`` timesteps
+in ``checkpoints/``, and at the end ``model.safetensors`` (and SB3's ``model.zip``),
+``learning_curve.png`` and ``run.json``. ``train --resume RUN_DIR`` continues a run that stopped
+(crashed, killed, interrupted) from its newest checkpoint that loads; see :mod:`rollback_rl.resume`
+and :mod:`rollback_rl.run_logs`. Nothing rollback-rl loads can run code: models and checkpoints are
+read with :mod:`rollback_rl.safe_model`, and SB3 ``.zip`` files without their pickles.
+
 Bad input is reported as one ``rollback-rl: error: ...`` line on stderr with exit status 2, before
 anything is written.
+
+Each subcommand is added by one ``_add_<name>_command`` function listed in ``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -20,9 +29,9 @@ import math
 import os
 import platform
 import sys
-import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +41,9 @@ import stable_baselines3
 import torch
 from stable_baselines3 import A2C, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.logger import configure
-from stable_baselines3.common.utils import ConstantSchedule
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import VecEnv
 
 import rollback_rl
@@ -43,6 +51,7 @@ import rollback_rl.envs  # registers this package's environments with gymnasium
 from rollback_rl.agents import RollbackDQN
 from rollback_rl.callbacks import RollbackCallback
 from rollback_rl.callbacks.rollback import EVAL_SEED_OFFSET
+from rollback_rl.checkpoints import CheckpointStore
 from rollback_rl.detectors import SignificantDrop
 from rollback_rl.hyperparams import (
     DEFAULT_EVAL_EPISODES,
@@ -56,14 +65,36 @@ from rollback_rl.hyperparams import (
     parse_yaml_value,
     to_jsonable,
 )
+from rollback_rl.nonfinite import LogNonFiniteCounts, NonFiniteGuard
 from rollback_rl.plotting import PLOT_FILENAME, plot_run
+from rollback_rl.resume import (
+    CHECKPOINTS_DIR,
+    NoCheckpointError,
+    ResumePoint,
+    RunCheckpoints,
+    RunInUseError,
+    hold_run_lock,
+    load_resume_point,
+    run_in_use,
+    run_metadata,
+)
+from rollback_rl.run_logs import open_run_logger
+from rollback_rl.safe_io import SafeLoadError, atomic_write_bytes
+from rollback_rl.safe_model import (
+    load_model,
+    load_sb3_zip_safely,
+    read_model_metadata,
+    save_model,
+)
 from rollback_rl.tensorboard_layout import add_rollback_layout
 
 PROG = "rollback-rl"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-MODEL_FILENAME = "model.zip"
+MODEL_FILENAME = "model.safetensors"
+SB3_MODEL_FILENAME = "model.zip"  # for SB3 users; rollback-rl itself reads it without its pickles
 RUN_INFO_FILENAME = "run.json"
+DEFAULT_CHECKPOINT_FREQ = 10_000
 FINAL_EVAL_SEED_OFFSET = 1_000_000  # far above every seed used in training (seed, seed + EVAL_SEED_OFFSET)
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"dqn": RollbackDQN, "ppo": PPO, "a2c": A2C, "sac": SAC, "td3": TD3}
@@ -81,25 +112,34 @@ class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # Python 3.11's argparse drops a value of "--" (--steps=--) and passes the option an empty list.
+        if action.option_strings and "--" in arg_strings:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected a value, got '--'")
+        return super()._get_values(action, arg_strings)
 
-def _positive_int(text: str) -> int:
+
+def _integer_at_least(minimum: int, text: str) -> int:
+    description = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _integer_at_least(1, text)
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _integer_at_least(0, text)
+
+
+def _non_negative_int(text: str) -> int:
+    return _integer_at_least(0, text)
 
 
 def _fraction(text: str) -> float:
@@ -119,72 +159,97 @@ def _assignment(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train", help="train an agent and write a run folder",
+        description="Train an agent with rollback (or without, --no-rollback) and write a run folder: "
+                    "TensorBoard events, progress.csv, checkpoints, model.safetensors (and model.zip), "
+                    "learning_curve.png, run.json. --resume RUN_DIR continues a run that stopped.")
+    parser.add_argument("env_id", nargs="?", default="CartPole-v1", metavar="ENV_ID",
+                        help="gymnasium env id (default: CartPole-v1)")
+    parser.add_argument("--algo", choices=sorted(ALGORITHMS), default="dqn",
+                        help="dqn: RollbackDQN (SB3's DQN with an undo log); the others: the SB3 "
+                             "algorithm with RollbackCallback (default: dqn)")
+    parser.add_argument("--steps", type=_positive_int, metavar="N",
+                        help="training timesteps (default: the hyperparameters' n_timesteps, e.g. "
+                             "50,000 on CartPole-v1)")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    parser.add_argument("--no-rollback", action="store_true",
+                        help="the vanilla arm: the plain SB3 algorithm, evaluated on the same schedule")
+    parser.add_argument("--hyperparams", metavar="FILE",
+                        help="RL Zoo-format YAML; the section named after ENV_ID overrides the defaults")
+    parser.add_argument("--set", dest="overrides", type=_assignment, action="append", default=[],
+                        metavar="KEY=VALUE", help="override one hyperparameter, e.g. --set "
+                                                  "learning_rate=1e-3 (repeatable; applied last)")
+    parser.add_argument("--eval-freq", type=_positive_int, metavar="N",
+                        help="training timesteps between evaluations (default: 2,500 on CartPole, "
+                             "5,000 otherwise)")
+    parser.add_argument("--eval-episodes", type=_positive_int, default=DEFAULT_EVAL_EPISODES, metavar="N",
+                        help=f"greedy episodes per evaluation (default: {DEFAULT_EVAL_EPISODES})")
+    parser.add_argument("--drop", type=_fraction, default=0.5,
+                        help="collapse when the score falls by this fraction of the learned range "
+                             "(best minus lowest score) and significantly (default: 0.5)")
+    parser.add_argument("--patience", type=_positive_int, default=1, metavar="N",
+                        help="evaluations in a row that must show the drop (default: 1)")
+    parser.add_argument("--checkpoint-freq", type=_non_negative_int, default=DEFAULT_CHECKPOINT_FREQ, metavar="N",
+                        help=f"training timesteps between durable checkpoints, for --resume; 0: none "
+                             f"(default: {DEFAULT_CHECKPOINT_FREQ:,})")
+    parser.add_argument("--checkpoint-replay-buffer", action="store_true",
+                        help="also checkpoint the replay buffer (larger checkpoints; without it a resumed "
+                             "run refills the buffer before training again)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its newest checkpoint, with its own settings "
+                             "(only --device, -v and --no-progress may be given with it)")
+    parser.add_argument("--logdir", default="runs", help="folder holding the run folders (default: runs)")
+    parser.add_argument("--run-name", help="run folder name (default: <env>_<algo>_s<seed>_<date-time>)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu; small MLPs are "
+                                                        "faster on the CPU)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: also print SB3's training tables; -vv: and every evaluation score")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=train)
+
+
+def _add_evaluate_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "evaluate", help="score a saved model on fresh greedy episodes",
+        description="Score a saved model on greedy episodes whose seeds were never used in training "
+                    f"({FINAL_EVAL_SEED_OFFSET:,} + seed onwards). Reads model.safetensors, or an SB3 "
+                    ".zip without unpickling anything in it.")
+    parser.add_argument("model_path", metavar="MODEL_PATH",
+                        help=f"{MODEL_FILENAME} or an SB3 .zip, or the run folder holding it")
+    parser.add_argument("--episodes", type=_positive_int, default=100, metavar="N",
+                        help="greedy episodes (default: 100)")
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help=f"episode i uses seed {FINAL_EVAL_SEED_OFFSET:,} + SEED + i (default: 0)")
+    parser.add_argument("--env", dest="env_id", metavar="ENV_ID",
+                        help="env id (default: the one in run.json next to the model, or in the model file)")
+    parser.add_argument("--algo", choices=sorted(ALGORITHMS),
+                        help="algorithm of an SB3 .zip (default: the one in run.json next to the model)")
+    parser.set_defaults(run=evaluate)
+
+
+def _add_plot_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "plot", help="re-draw a run's learning curve from its TensorBoard events",
+        description="Re-draw RUN_DIR/learning_curve.png from the run's TensorBoard event files.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by 'rollback-rl train'")
+    parser.add_argument("--output", metavar="PNG", help=f"where to write (default: RUN_DIR/{PLOT_FILENAME})")
+    parser.set_defaults(run=plot)
+
+
+#: The subcommands, in the order ``--help`` lists them; each adds its parser and sets ``run``.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train_command, _add_evaluate_command,
+                                                                _add_plot_command]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog=PROG, description="Online RL that rolls back to its last good weights "
                                                      "when its performance collapses.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {rollback_rl.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train_parser = commands.add_parser(
-        "train", help="train an agent and write a run folder",
-        description="Train an agent with rollback (or without, --no-rollback) and write a run folder: "
-                    "TensorBoard events, progress.csv, model.zip, learning_curve.png, run.json.")
-    train_parser.add_argument("env_id", nargs="?", default="CartPole-v1", metavar="ENV_ID",
-                              help="gymnasium env id (default: CartPole-v1)")
-    train_parser.add_argument("--algo", choices=sorted(ALGORITHMS), default="dqn",
-                              help="dqn: RollbackDQN (SB3's DQN with an undo log); the others: the SB3 "
-                                   "algorithm with RollbackCallback (default: dqn)")
-    train_parser.add_argument("--steps", type=_positive_int, metavar="N",
-                              help="training timesteps (default: the hyperparameters' n_timesteps, e.g. "
-                                   "50,000 on CartPole-v1)")
-    train_parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
-    train_parser.add_argument("--no-rollback", action="store_true",
-                              help="the vanilla arm: the plain SB3 algorithm, evaluated on the same schedule")
-    train_parser.add_argument("--hyperparams", metavar="FILE",
-                              help="RL Zoo-format YAML; the section named after ENV_ID overrides the defaults")
-    train_parser.add_argument("--set", dest="overrides", type=_assignment, action="append", default=[],
-                              metavar="KEY=VALUE", help="override one hyperparameter, e.g. --set "
-                                                        "learning_rate=1e-3 (repeatable; applied last)")
-    train_parser.add_argument("--eval-freq", type=_positive_int, metavar="N",
-                              help="training timesteps between evaluations (default: 2,500 on CartPole, "
-                                   "5,000 otherwise)")
-    train_parser.add_argument("--eval-episodes", type=_positive_int, default=DEFAULT_EVAL_EPISODES, metavar="N",
-                              help=f"greedy episodes per evaluation (default: {DEFAULT_EVAL_EPISODES})")
-    train_parser.add_argument("--drop", type=_fraction, default=0.5,
-                              help="collapse when the score falls by this fraction of the learned range "
-                                   "(best minus lowest score) and significantly (default: 0.5)")
-    train_parser.add_argument("--patience", type=_positive_int, default=1, metavar="N",
-                              help="evaluations in a row that must show the drop (default: 1)")
-    train_parser.add_argument("--logdir", default="runs", help="folder holding the run folders (default: runs)")
-    train_parser.add_argument("--run-name", help="run folder name (default: <env>_<algo>_s<seed>_<date-time>)")
-    train_parser.add_argument("--device", default="cpu", help="torch device (default: cpu; small MLPs are "
-                                                              "faster on the CPU)")
-    train_parser.add_argument("-v", "--verbose", action="count", default=0,
-                              help="-v: also print SB3's training tables; -vv: and every evaluation score")
-    train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train_parser.set_defaults(run=train)
-
-    evaluate_parser = commands.add_parser(
-        "evaluate", help="score a saved model on fresh greedy episodes",
-        description="Score a saved model on greedy episodes whose seeds were never used in training "
-                    f"({FINAL_EVAL_SEED_OFFSET:,} + seed onwards).")
-    evaluate_parser.add_argument("model_path", metavar="MODEL_PATH", help="model.zip, or the run folder holding it")
-    evaluate_parser.add_argument("--episodes", type=_positive_int, default=100, metavar="N",
-                                 help="greedy episodes (default: 100)")
-    evaluate_parser.add_argument("--seed", type=_seed, default=0,
-                                 help=f"episode i uses seed {FINAL_EVAL_SEED_OFFSET:,} + SEED + i (default: 0)")
-    evaluate_parser.add_argument("--env", dest="env_id", metavar="ENV_ID",
-                                 help="env id (default: the one in run.json next to the model)")
-    evaluate_parser.add_argument("--algo", choices=sorted(ALGORITHMS),
-                                 help="algorithm (default: the one in run.json next to the model)")
-    evaluate_parser.set_defaults(run=evaluate)
-
-    plot_parser = commands.add_parser(
-        "plot", help="re-draw a run's learning curve from its TensorBoard events",
-        description="Re-draw RUN_DIR/learning_curve.png from the run's TensorBoard event files.")
-    plot_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by 'rollback-rl train'")
-    plot_parser.add_argument("--output", metavar="PNG", help=f"where to write (default: RUN_DIR/{PLOT_FILENAME})")
-    plot_parser.set_defaults(run=plot)
+    for add_command in COMMANDS:
+        add_command(commands)
     return parser
 
 
@@ -216,6 +281,28 @@ class TrainingPlan:
     hyperparameters: dict[str, Any]
     hyperparameter_sources: list[str]
     run_dir: Path
+    drop: float = 0.5
+    patience: int = 1
+    checkpoint_freq: int = DEFAULT_CHECKPOINT_FREQ
+    checkpoint_replay_buffer: bool = False
+    command: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as JSON values (classes by name), as checkpoints store it; ``run_dir`` left out."""
+        values = {name: getattr(self, name) for name in _PLAN_JSON_FIELDS}
+        return json.loads(json.dumps(to_jsonable(values), default=str))
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any], run_dir: Path) -> TrainingPlan:
+        """The plan :meth:`to_json` stored (its hyperparameters as JSON, enough to build the envs)."""
+        algorithms = ALGORITHMS if values["rollback"] else VANILLA_ALGORITHMS
+        return cls(algorithm=algorithms[values["algo"]], run_dir=run_dir,
+                   **{name: values[name] for name in _PLAN_JSON_FIELDS})
+
+
+_PLAN_JSON_FIELDS = ("env_id", "algo", "rollback", "seed", "steps", "eval_freq", "eval_episodes", "hyperparameters",
+                     "hyperparameter_sources", "drop", "patience", "checkpoint_freq", "checkpoint_replay_buffer",
+                     "command")
 
 
 def check_env_id(env_id: str) -> None:
@@ -232,7 +319,11 @@ def _hyperparameters(args: argparse.Namespace, algorithm: type[BaseAlgorithm]) -
     try:
         params = check_hyperparameters(params, algorithm, "defaults")
         if args.hyperparams is not None:
-            section = load_yaml_section(args.hyperparams, args.env_id)
+            try:
+                section = load_yaml_section(args.hyperparams, args.env_id)
+            except UnicodeDecodeError as error:
+                raise UsageError(f"cannot read hyperparameter file {args.hyperparams}: not UTF-8 text "
+                                 f"({error.reason} at byte {error.start})") from None
             params.update(check_hyperparameters(section, algorithm, f"{args.hyperparams}, {args.env_id}"))
             sources.append(str(args.hyperparams))
         if args.overrides:
@@ -250,10 +341,11 @@ def _run_dir(args: argparse.Namespace, algo_label: str) -> Path:
         raise UsageError(f"--logdir {logdir} exists and is not a folder")
     if args.run_name is not None:
         name = args.run_name
-        if not name.strip() or name in (".", "..") or "/" in name or os.sep in name:
+        if not name.strip() or name in (".", "..") or "/" in name or os.sep in name or "\0" in name:
             raise UsageError(f"--run-name must be a plain folder name, got {name!r}")
         if (logdir / name).exists():
-            raise UsageError(f"run folder {logdir / name} already exists: choose another --run-name")
+            raise UsageError(f"run folder {logdir / name} already exists: choose another --run-name "
+                             f"(or continue it with --resume {logdir / name})")
         return logdir / name
     env_label = args.env_id.replace("/", "-").replace(":", "-")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -279,61 +371,191 @@ def plan_training(args: argparse.Namespace) -> TrainingPlan:
     algo_label = args.algo if rollback else f"{args.algo}-vanilla"
     return TrainingPlan(env_id=args.env_id, algo=args.algo, algorithm=algorithm, rollback=rollback, seed=args.seed,
                         steps=steps, eval_freq=eval_freq, eval_episodes=args.eval_episodes, hyperparameters=params,
-                        hyperparameter_sources=sources, run_dir=_run_dir(args, algo_label))
+                        hyperparameter_sources=sources, run_dir=_run_dir(args, algo_label), drop=args.drop,
+                        patience=args.patience, checkpoint_freq=args.checkpoint_freq,
+                        checkpoint_replay_buffer=args.checkpoint_replay_buffer, command=[PROG, *args.argv])
+
+
+def build_envs(plan: TrainingPlan) -> tuple[VecEnv, VecEnv]:
+    """The training env (seeded with the run's seed) and the evaluation env (seeded apart), both with
+    a NonFiniteGuard inside their Monitor; raises UsageError if they cannot be made."""
+    params = plan.hyperparameters
+    env_kwargs = params.get("env_kwargs", {})
+
+    def guarded_env(**kwargs: Any) -> gym.Env:
+        return NonFiniteGuard(gym.make(plan.env_id, **kwargs))
+
+    try:
+        env = make_vec_env(guarded_env, n_envs=params.get("n_envs", 1), seed=plan.seed, env_kwargs=env_kwargs)
+        eval_env = make_vec_env(guarded_env, n_envs=1, env_kwargs=env_kwargs)
+    except (gym.error.Error, ImportError, TypeError, ValueError) as error:
+        raise UsageError(f"cannot make env {plan.env_id}: {error}") from None
+    eval_env.seed(plan.seed + EVAL_SEED_OFFSET)  # evaluation episodes never share seeds with training's
+    return env, eval_env
 
 
 def build_model(plan: TrainingPlan, device: str, verbose: int) -> tuple[BaseAlgorithm, VecEnv]:
     """The model on its training env, and a separate evaluation env; raises UsageError if either cannot be made."""
+    env, eval_env = build_envs(plan)
     params = plan.hyperparameters
-    env_kwargs = params.get("env_kwargs", {})
-    try:
-        env = make_vec_env(plan.env_id, n_envs=params.get("n_envs", 1), seed=plan.seed, env_kwargs=env_kwargs)
-        eval_env = make_vec_env(plan.env_id, n_envs=1, env_kwargs=env_kwargs)
-    except (gym.error.Error, ImportError, TypeError, ValueError) as error:
-        raise UsageError(f"cannot make env {plan.env_id}: {error}") from None
-    eval_env.seed(plan.seed + EVAL_SEED_OFFSET)  # evaluation episodes never share seeds with training's
     try:
         model = plan.algorithm(params.get("policy", "MlpPolicy"), env, seed=plan.seed, device=device,
                                verbose=verbose, **model_arguments(params, env.action_space))
-    except (AssertionError, TypeError, ValueError, KeyError, RuntimeError) as error:
+    except (AssertionError, TypeError, ValueError, KeyError, RuntimeError, MemoryError, OverflowError) as error:
         raise UsageError(f"cannot build {plan.algorithm.__name__} for {plan.env_id}: {error}") from None
     return model, eval_env
 
 
+@dataclass
+class TrainingSession:
+    """One process's share of a run: the model to train from where the run stands, and its logger.
+
+    :param started_at: when the run (its first session) started
+    :param resumes: one entry per resume so far: the timestep resumed from, and when
+    :param resume_from: the checkpoint this session continues from (``None``: a new run)
+    """
+
+    plan: TrainingPlan
+    model: BaseAlgorithm
+    eval_env: VecEnv
+    logger: Logger
+    started_at: str
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    resume_from: ResumePoint | None = None
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        return {"run": self.plan.to_json(), "started_at": self.started_at, "resumes": self.resumes}
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def check_device(device: str) -> None:
+    try:
+        torch.device(device)
+    except RuntimeError as error:
+        raise UsageError(f"--device {device!r}: {error}") from None
+
+
 def train(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
+    if args.resume is not None:
+        return resume_training(args)
+    check_device(args.device)
     plan = plan_training(args)
     model, eval_env = build_model(plan, args.device, verbose=max(args.verbose - 1, 0))
 
     # Everything is checked: from here on, the run folder is written.
     plan.run_dir.mkdir(parents=True)
-    logger = configure(str(plan.run_dir), ["stdout", "csv", "tensorboard"] if args.verbose else ["csv", "tensorboard"])
-    model.set_logger(logger)
-    add_rollback_layout(logger)
+    with hold_run_lock(plan.run_dir):
+        logger = open_run_logger(plan.run_dir, to_stdout=args.verbose > 0)
+        add_rollback_layout(logger)
+        session = TrainingSession(plan, model, eval_env, logger, started_at=_now())
+        return run_training(session, args)
+
+
+# Options that --resume accepts; every other one comes from the run's checkpoint.
+_RESUME_OPTIONS = {"resume", "device", "verbose", "no_progress", "run", "command", "argv"}
+_OPTION_NAMES = {"env_id": "ENV_ID", "overrides": "--set"}
+
+
+def _refuse_settings_with_resume(args: argparse.Namespace) -> None:
+    defaults = vars(build_parser().parse_args(["train"]))
+    for name, value in vars(args).items():
+        if name not in _RESUME_OPTIONS and value != defaults.get(name):
+            option = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+            raise UsageError(f"--resume continues a run with the settings it was started with: "
+                             f"do not give {option} with it")
+
+
+def _is_complete(info: dict[str, Any] | None) -> bool:
+    """Whether run.json says the run trained all its steps (and was not interrupted)."""
+    if not info or info.get("interrupted") is not False:
+        return False
+    done, steps = info.get("timesteps_done"), info.get("steps")
+    return isinstance(done, int) and isinstance(steps, int) and done >= steps
+
+
+def _print_warning(line: str) -> None:
+    print(f"{PROG}: warning: {' '.join(line.split())}", file=sys.stderr)
+
+
+def resume_training(args: argparse.Namespace) -> int:
+    """``train --resume RUN_DIR``: continue the run from its newest checkpoint that loads."""
+    _refuse_settings_with_resume(args)
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise UsageError(f"--resume {run_dir}: run folder not found")
+    if _is_complete(read_run_info(run_dir)):
+        print(f"{run_dir} is complete: nothing to resume.")
+        return 0
+    if run_in_use(run_dir):
+        raise UsageError(f"{run_dir} is being written by another rollback-rl process (wait for it to end, or stop it)")
+    check_device(args.device)
+    store = CheckpointStore(run_dir / CHECKPOINTS_DIR)
+    try:
+        metadata = run_metadata(store)
+        plan = TrainingPlan.from_json(metadata["run"], run_dir)
+        env, eval_env = build_envs(plan)
+        point = load_resume_point(store, env, device=args.device, on_skip=_print_warning)
+    except NoCheckpointError as error:
+        raise UsageError(f"--resume {run_dir}: {error} (was the run started with --checkpoint-freq 0, "
+                         f"or stopped before its first checkpoint? Then start it again)") from None
+    except (KeyError, TypeError) as error:
+        raise UsageError(f"--resume {run_dir}: the checkpoint's run settings are unreadable ({error!r})") from None
+
+    # The checkpoint loaded: from here on, the run folder is written.
+    try:
+        with hold_run_lock(run_dir):
+            logger = open_run_logger(run_dir, to_stdout=args.verbose > 0, resume_timestep=point.timestep)
+            print(f"Resuming {run_dir} from timestep {point.timestep:,} of {plan.steps:,}")
+            resumes = [*metadata.get("resumes", []), {"timestep": point.timestep, "at": _now()}]
+            session = TrainingSession(plan, point.model, eval_env, logger, started_at=metadata.get("started_at", ""),
+                                      resumes=resumes, resume_from=point)
+            return run_training(session, args)
+    except RunInUseError as error:
+        raise UsageError(str(error)) from None
+
+
+def _evaluation_callback(plan: TrainingPlan, model: BaseAlgorithm, eval_env: VecEnv,
+                         verbose: int) -> RollbackCallback | EvalCallback:
     if plan.rollback:
-        detector = SignificantDrop(drop=args.drop, patience=args.patience)
-        callback: BaseCallback = RollbackCallback(eval_env, eval_freq=plan.eval_freq,
-                                                  n_eval_episodes=plan.eval_episodes, detector=detector,
-                                                  verbose=2 if args.verbose >= 2 else 1)
-    else:
-        # Same schedule as RollbackCallback's (which counts timesteps summed over envs); EvalCallback counts calls.
-        callback = EvalCallback(eval_env, n_eval_episodes=plan.eval_episodes,
-                                eval_freq=max(plan.eval_freq // model.n_envs, 1),
-                                log_path=str(plan.run_dir / "evaluations"), deterministic=True, warn=False)
-    started_at = datetime.datetime.now().astimezone()
-    start = time.perf_counter()
+        detector = SignificantDrop(drop=plan.drop, patience=plan.patience)
+        return RollbackCallback(eval_env, eval_freq=plan.eval_freq, n_eval_episodes=plan.eval_episodes,
+                                detector=detector, verbose=2 if verbose >= 2 else 1)
+    # Same schedule as RollbackCallback's (which counts timesteps summed over envs); EvalCallback counts calls.
+    return EvalCallback(eval_env, n_eval_episodes=plan.eval_episodes, eval_freq=max(plan.eval_freq // model.n_envs, 1),
+                        log_path=str(plan.run_dir / "evaluations"), deterministic=True, warn=False)
+
+
+def run_training(session: TrainingSession, args: argparse.Namespace,
+                 extra_callbacks: Sequence[BaseCallback] = ()) -> int:
+    """Train the session's model to the plan's last timestep, then write the model, run.json and the plot.
+
+    :param extra_callbacks: run after the others (benchmarks use this to measure the run)
+    """
+    plan, model = session.plan, session.model
+    model.set_logger(session.logger)
+    evaluation = _evaluation_callback(plan, model, session.eval_env, args.verbose)
+    checkpoints = RunCheckpoints(plan.run_dir / CHECKPOINTS_DIR, plan.checkpoint_freq, session.checkpoint_metadata(),
+                                 evaluation, save_replay_buffer=plan.checkpoint_replay_buffer,
+                                 resume_from=session.resume_from, verbose=1 if args.verbose >= 2 else 0)
+    callback = CallbackList([evaluation, LogNonFiniteCounts(), checkpoints, *extra_callbacks])
     interrupted = False
     try:
-        model.learn(total_timesteps=plan.steps, callback=callback, progress_bar=not args.no_progress)
+        model.learn(total_timesteps=plan.steps - model.num_timesteps, callback=callback,
+                    reset_num_timesteps=session.resume_from is None, progress_bar=not args.no_progress)
     except KeyboardInterrupt:
         interrupted = True
-        print(f"\nInterrupted at timestep {model.num_timesteps}: saving the run so far.", file=sys.stderr)
-    wall_time = time.perf_counter() - start
+        print(f"\nInterrupted at timestep {model.num_timesteps}: saving the run so far "
+              f"(continue it with: {PROG} train --resume {plan.run_dir}).", file=sys.stderr)
 
-    model.save(plan.run_dir / MODEL_FILENAME)
-    logger.close()  # flushes the events file the plot is drawn from
-    info = run_info(plan, model, callback, args, started_at, wall_time, interrupted)
-    (plan.run_dir / RUN_INFO_FILENAME).write_text(json.dumps(info, indent=2) + "\n")
+    save_model(model, plan.run_dir / MODEL_FILENAME)
+    model.save(plan.run_dir / SB3_MODEL_FILENAME)
+    session.logger.close()  # flushes the events file the plot is drawn from
+    info = run_info(session, evaluation, checkpoints.wall_time, interrupted)
+    atomic_write_bytes(plan.run_dir / RUN_INFO_FILENAME, (json.dumps(info, indent=2) + "\n").encode())
     try:
         plot_run(plan.run_dir)
     except ValueError as error:  # interrupted before the first evaluation
@@ -360,9 +582,13 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def run_info(plan: TrainingPlan, model: BaseAlgorithm, callback: BaseCallback, args: argparse.Namespace,
-             started_at: datetime.datetime, wall_time: float, interrupted: bool) -> dict[str, Any]:
+def _env_total(env: VecEnv, name: str) -> int:
+    return int(sum(env.get_attr(name))) if env.has_attr(name) else 0
+
+
+def run_info(session: TrainingSession, callback: BaseCallback, wall_time: float, interrupted: bool) -> dict[str, Any]:
     """What run.json records: the settings, the versions, and the results of the run."""
+    plan, model = session.plan, session.model
     curve, eval_env_steps = _evaluations(callback)
     rollback_callback = callback if isinstance(callback, RollbackCallback) else None
     best = max(curve, key=lambda e: e["mean"], default=None)
@@ -373,7 +599,8 @@ def run_info(plan: TrainingPlan, model: BaseAlgorithm, callback: BaseCallback, a
         # The last evaluation triggered a rollback: the weights training ended with are the restored ones.
         final = {"timestep": final["timestep"], "score": last_rollback.verified_score,
                  "collapsed_score": final["score"]}
-    training_returns = [float(r) for rewards in model.get_env().env_method("get_episode_rewards") for r in rewards]
+    env = model.get_env()
+    training_returns = [float(r) for rewards in env.env_method("get_episode_rewards") for r in rewards]
     undo_log = getattr(model, "undo_log", None)
     return {
         "env": plan.env_id,
@@ -387,28 +614,33 @@ def run_info(plan: TrainingPlan, model: BaseAlgorithm, callback: BaseCallback, a
         "eval_freq": plan.eval_freq,
         "eval_episodes": plan.eval_episodes,
         "eval_seed": plan.seed + EVAL_SEED_OFFSET,
-        "detector": ({"name": "SignificantDrop", "drop": args.drop, "patience": args.patience}
+        "detector": ({"name": "SignificantDrop", "drop": plan.drop, "patience": plan.patience}
                      if plan.rollback else None),
         "hyperparameters": to_jsonable(plan.hyperparameters),
         "hyperparameter_sources": plan.hyperparameter_sources,
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "device": str(model.device)},
-        "command": [PROG, *args.argv],
-        "started_at": started_at.isoformat(timespec="seconds"),
+        "command": plan.command,
+        "started_at": session.started_at,
+        "resumes": session.resumes,
         "wall_time_s": round(wall_time, 3),
+        "checkpoint_freq": plan.checkpoint_freq,
         "evaluations": curve,
         "best_eval": None if best is None else {"timestep": best["timestep"], "score": best["mean"]},
         "final_eval": final,
         "eval_env_steps": eval_env_steps,
         "online_return": {"mean": float(np.mean(training_returns)) if training_returns else None,
                           "episodes": len(training_returns)},
+        "nonfinite": {"observations": _env_total(env, "nonfinite_observations"),
+                      "rewards": _env_total(env, "nonfinite_rewards")},
         "rollbacks": [asdict(event) for event in rollback_callback.rollbacks] if rollback_callback else [],
         "n_rebases": rollback_callback.rebases if rollback_callback else 0,
         "undo_log_bytes": undo_log.nbytes if undo_log is not None else None,
         "undo_log_depth": undo_log.depth if undo_log is not None else None,
         "snapshot_bytes": rollback_callback.ring.nbytes if rollback_callback and rollback_callback.ring else None,
         "model": MODEL_FILENAME,
+        "sb3_model": SB3_MODEL_FILENAME,
         "plot": PLOT_FILENAME,
     }
 
@@ -440,6 +672,13 @@ def print_summary(info: dict[str, Any], run_dir: Path) -> None:
               f"gradient steps{snapshots}")
     else:
         print(f"Undo log: none ({info['algorithm_class']})")
+    nonfinite = info["nonfinite"]
+    if nonfinite["observations"] or nonfinite["rewards"]:
+        print(f"Non-finite values from the env: {nonfinite['observations']} observation(s), "
+              f"{nonfinite['rewards']} reward(s); each ended its episode")
+    if info["resumes"]:
+        print(f"Resumed {len(info['resumes'])} time(s), from timestep(s) "
+              + ", ".join(f"{r['timestep']:,}" for r in info["resumes"]))
     print(f"Wall time: {info['wall_time_s']:.0f} s ({info['eval_env_steps']:,} env steps spent evaluating)")
     print(f"Score the final policy on 100 fresh episodes: {PROG} evaluate {run_dir / MODEL_FILENAME}")
 
@@ -452,32 +691,39 @@ def read_run_info(run_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UsageError(f"cannot read {path}: {error}") from None
     return info if isinstance(info, dict) else None
 
 
-def load_model(path: str | Path, algorithm: type[BaseAlgorithm] | None = None) -> BaseAlgorithm:
-    """Load a saved model for evaluation; the class comes from the run.json next to it if not given.
+def _is_zip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) == b"PK\x03\x04"
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
 
-    The training schedules are replaced by constants, so that a model saved with another SB3 version
-    still loads (they are not needed to act). Uses SB3's ``load``, which unpickles: load only models you trust.
 
-    :raises UsageError: if the class is unknown or the file is not a model
+def load_model_for_evaluation(path: Path, env_id: str, algorithm: type[BaseAlgorithm] | None,
+                              env_kwargs: dict[str, Any]) -> BaseAlgorithm:
+    """Load a model to act with, without running any code the file holds.
+
+    A ``.safetensors`` model (``safe_model.save_model``) is loaded as is; an SB3 ``.zip`` is read with
+    ``load_sb3_zip_safely``, which needs ``algorithm`` and the env (its training settings that only
+    the pickles hold are not needed to act, and are left at their defaults silently).
+
+    :raises UsageError: if the file is refused (pickled code), corrupted, or not a model
     """
-    path = Path(path)
-    if algorithm is None:
-        info = read_run_info(path.parent) or {}
-        algorithm = _CLASSES_BY_NAME.get(info.get("algorithm_class", ""))
+    try:
+        if not _is_zip(path):
+            return load_model(path, device="cpu")
         if algorithm is None:
             raise UsageError(f"no {RUN_INFO_FILENAME} next to {path} says which algorithm saved it: pass --algo")
-    schedule = ConstantSchedule(0.0)
-    custom_objects = {"learning_rate": 0.0, "lr_schedule": schedule, "exploration_schedule": schedule,
-                      "clip_range": schedule}
-    try:
-        return algorithm.load(path, custom_objects=custom_objects, device="cpu")
-    except Exception as error:  # noqa: BLE001 - a corrupt or foreign file can fail in many ways
-        raise UsageError(f"cannot load {path} as a {algorithm.__name__} model: {error}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return load_sb3_zip_safely(path, algorithm, gym.make(env_id, **env_kwargs), device="cpu")
+    except (SafeLoadError, OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise UsageError(f"cannot load {path}: {error}") from None
 
 
 def greedy_returns(model: BaseAlgorithm, env: gym.Env, n_episodes: int, first_seed: int) -> list[float]:
@@ -498,11 +744,17 @@ def greedy_returns(model: BaseAlgorithm, env: gym.Env, n_episodes: int, first_se
 def _model_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
-        path = path / MODEL_FILENAME
-    elif not path.exists() and path.suffix != ".zip":
-        path = path.with_name(path.name + ".zip")  # SB3 saves "model" as "model.zip"
-    if not path.is_file():
+        for name in (MODEL_FILENAME, SB3_MODEL_FILENAME):
+            if (path / name).is_file():
+                return path / name
+        raise UsageError(f"no {MODEL_FILENAME} or {SB3_MODEL_FILENAME} in {path}")
+    if not path.exists():
+        for suffix in (".safetensors", ".zip"):  # as save_model and SB3's save add them
+            if path.with_name(path.name + suffix).is_file():
+                return path.with_name(path.name + suffix)
         raise UsageError(f"model file {path} not found")
+    if not path.is_file():
+        raise UsageError(f"model path {path} is neither a file nor a folder")
     return path
 
 
@@ -511,18 +763,27 @@ def evaluate(args: argparse.Namespace) -> int:
     model_path = _model_file(args.model_path)
     info = read_run_info(model_path.parent) or {}
     env_id = args.env_id or info.get("env")
-    if env_id is None:
+    if env_id is None and not _is_zip(model_path):
+        try:
+            env_id = read_model_metadata(model_path).get("env_id")
+        except (SafeLoadError, OSError) as error:
+            raise UsageError(f"cannot load {model_path}: {error}") from None
+    if not isinstance(env_id, str):
         raise UsageError(f"no {RUN_INFO_FILENAME} next to {model_path} names the env: pass --env")
     check_env_id(env_id)
-    algorithm = None
     if args.algo is not None:
         algorithm = (ALGORITHMS if info.get("rollback", True) else VANILLA_ALGORITHMS)[args.algo]
-    model = load_model(model_path, algorithm)
-    env_kwargs = info.get("hyperparameters", {}).get("env_kwargs", {}) if env_id == info.get("env") else {}
+    else:
+        algorithm = _CLASSES_BY_NAME.get(str(info.get("algorithm_class")))
+    hyperparameters = info.get("hyperparameters") if env_id == info.get("env") else None
+    env_kwargs = hyperparameters.get("env_kwargs", {}) if isinstance(hyperparameters, dict) else {}
     try:
         env = gym.make(env_id, **env_kwargs)
     except (gym.error.Error, ImportError, TypeError, ValueError) as error:
         raise UsageError(f"cannot make env {env_id}: {error}") from None
+    model = load_model_for_evaluation(model_path, env_id, algorithm, env_kwargs)
+    if model.observation_space != env.observation_space or model.action_space != env.action_space:
+        raise UsageError(f"{model_path} was trained on other observation or action spaces than {env_id}'s")
     first_seed = FINAL_EVAL_SEED_OFFSET + args.seed
     returns = greedy_returns(model, env, args.episodes, first_seed)
     env.close()

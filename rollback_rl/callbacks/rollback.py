@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -359,6 +360,34 @@ class RollbackCallback(EventCallback):
         if self.verbose >= 2:
             print(f"Rollback: score {score.mean:.2f} at timestep {self.num_timesteps} (best {self.history.best:.2f})")
         self.logger.dump(self.num_timesteps)
+
+    # -- saving progress ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Progress as plain (JSON-able) values, for a checkpoint; the snapshots are saved from ``ring``."""
+        return {"scores": [{**asdict(s), "episode_returns": None if s.episode_returns is None
+                            else list(s.episode_returns)} for s in self.scores],
+                "rollbacks": [asdict(e) for e in self.rollbacks],
+                "best": self.history.best, "floor": self.history.floor,
+                "bad_in_a_row": self.detector.bad_in_a_row, "rebases": self.rebases,
+                "eval_timesteps": self.eval_timesteps, "eval_seconds": self.eval_seconds,
+                "consecutive_rollbacks": self._consecutive_rollbacks, "next_check": self._next_check,
+                "online_returns": list(self._online_returns)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Put back ``state_dict()``; call after training started (which sets the next check itself).
+
+        :raises KeyError, TypeError, ValueError: if ``state`` is malformed
+        """
+        self.scores = [Score(int(s["timestep"]), float(s["mean"]), None if s["episode_returns"] is None
+                             else tuple(float(r) for r in s["episode_returns"])) for s in state["scores"]]
+        self.rollbacks = [RollbackEvent(**event) for event in state["rollbacks"]]
+        self.history.best, self.history.floor = float(state["best"]), float(state["floor"])
+        self.detector.bad_in_a_row = int(state["bad_in_a_row"])
+        self.rebases, self.eval_timesteps = int(state["rebases"]), int(state["eval_timesteps"])
+        self.eval_seconds = float(state["eval_seconds"])
+        self._consecutive_rollbacks, self._next_check = int(state["consecutive_rollbacks"]), int(state["next_check"])
+        self._online_returns = [float(r) for r in state["online_returns"]]
 
     # -- end of training ------------------------------------------------------------------------
 

@@ -1,15 +1,25 @@
 """The rollback-rl command line: tiny runs in-process, bad input rejected before anything is written."""
 
+import base64
+import csv
 import json
+import math
+import pickle
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
+from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 
+from rollback_rl.checkpoints import CheckpointStore
 from rollback_rl.cli import main
 from rollback_rl.hyperparams import parse_python_literal
+from rollback_rl.safe_io import load_tensors
 
 torch.set_num_threads(1)
 
@@ -53,7 +63,7 @@ def assert_usage_error(capsys, code: int, *words: str) -> str:
 
 def test_train_writes_events_model_plot_and_run_info(tiny_run, capsys):
     assert len(list(tiny_run.glob("events.out.tfevents.*"))) == 1
-    for name in ("model.zip", "learning_curve.png", "run.json", "progress.csv"):
+    for name in ("model.safetensors", "model.zip", "learning_curve.png", "run.json", "progress.csv"):
         assert (tiny_run / name).is_file(), name
     info = json.loads((tiny_run / "run.json").read_text())
     assert info["env"] == "CartPole-v1" and info["algorithm_class"] == "RollbackDQN" and info["rollback"]
@@ -88,6 +98,13 @@ def test_other_algorithms_train_with_the_rollback_callback(tmp_path):
     assert info["algorithm_class"] == "A2C" and len(info["evaluations"]) == 3
 
 
+def test_evaluate_reads_the_safetensors_model_and_the_sb3_zip_alike(tiny_run, capsys):
+    assert main(["evaluate", str(tiny_run / "model.safetensors"), "--episodes", "3"]) == 0
+    from_safetensors = capsys.readouterr().out.splitlines()[-1]
+    assert main(["evaluate", str(tiny_run / "model.zip"), "--episodes", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == from_safetensors
+
+
 def test_evaluate_prints_mean_on_fresh_seeds(tiny_run, capsys):
     assert main(["evaluate", str(tiny_run / "model.zip"), "--episodes", "3"]) == 0
     out = capsys.readouterr().out
@@ -96,11 +113,125 @@ def test_evaluate_prints_mean_on_fresh_seeds(tiny_run, capsys):
 
 def test_evaluate_accepts_the_run_folder_and_needs_env_and_algo_without_run_json(tiny_run, tmp_path, capsys):
     assert main(["evaluate", str(tiny_run), "--episodes", "1"]) == 0
-    assert "mean return" in capsys.readouterr().out
+    assert "model.safetensors" in capsys.readouterr().out
     lone_model = tmp_path / "model.zip"
     lone_model.write_bytes((tiny_run / "model.zip").read_bytes())
     assert_usage_error(capsys, main(["evaluate", str(lone_model)]), "--env")
     assert main(["evaluate", str(lone_model), "--env", "CartPole-v1", "--algo", "dqn", "--episodes", "1"]) == 0
+
+
+def test_a_lone_safetensors_model_names_its_env(tiny_run, tmp_path, capsys):
+    lone_model = tmp_path / "model.safetensors"
+    lone_model.write_bytes((tiny_run / "model.safetensors").read_bytes())
+    assert main(["evaluate", str(tmp_path / "model"), "--episodes", "1"]) == 0
+    assert "on CartPole-v1" in capsys.readouterr().out
+
+
+# -- files that would run code when loaded: refused, nothing runs ----------------------------------
+
+class WritesMarker:
+    """A pickle that, when unpickled, runs code: it writes ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+def sb3_zip_with(original: Path, target: Path, replace: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(original) as source, zipfile.ZipFile(target, "w") as crafted:
+        for item in source.infolist():
+            crafted.writestr(item, replace.get(item.filename, source.read(item.filename)))
+    return target
+
+
+def test_a_crafted_sb3_zip_is_refused_and_nothing_runs(tiny_run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    torch.save({"q_net.q_net.0.weight": WritesMarker(marker)}, tmp_path / "evil.pth")
+    crafted = sb3_zip_with(tiny_run / "model.zip", tmp_path / "model.zip", {"policy.pth": (tmp_path / "evil.pth").read_bytes()})
+    (tmp_path / "run.json").write_text((tiny_run / "run.json").read_text())
+    err = assert_usage_error(capsys, main(["evaluate", str(crafted), "--episodes", "1"]), "policy.pth", "refused")
+    assert "could run code" in err
+    assert not marker.exists()
+
+
+def test_the_pickled_settings_of_an_sb3_zip_are_never_unpickled(tiny_run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    data = json.loads(zipfile.ZipFile(tiny_run / "model.zip").read("data"))
+    payload = base64.b64encode(pickle.dumps(WritesMarker(marker))).decode()
+    for value in data.values():  # every cloudpickled setting now runs code when unpickled
+        if isinstance(value, dict) and ":serialized:" in value:
+            value[":serialized:"] = payload
+    crafted = sb3_zip_with(tiny_run / "model.zip", tmp_path / "model.zip", {"data": json.dumps(data).encode()})
+    (tmp_path / "run.json").write_text((tiny_run / "run.json").read_text())
+    assert main(["evaluate", str(crafted), "--episodes", "1"]) == 0
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pkl"])
+def test_a_pickle_posing_as_a_model_is_refused_and_nothing_runs(tiny_run, tmp_path, capsys, name):
+    marker = tmp_path / "pwned"
+    (tmp_path / name).write_bytes(pickle.dumps(WritesMarker(marker)))
+    (tmp_path / "run.json").write_text((tiny_run / "run.json").read_text())
+    assert_usage_error(capsys, main(["evaluate", str(tmp_path / name)]), name, "pickle", "refusing")
+    assert not marker.exists()
+
+
+def test_a_truncated_model_is_refused_with_a_clear_error(tiny_run, tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes()[:-50])
+    assert_usage_error(capsys, main(["evaluate", str(tmp_path), "--env", "CartPole-v1"]), "model.safetensors",
+                       "truncated")
+
+
+# -- non-finite observations and rewards -----------------------------------------------------------
+
+NAN_OBSERVATION_EVERY, INF_REWARD_EVERY = 97, 131
+
+
+class FaultyCartPole(CartPoleEnv):
+    """CartPole whose n-th step (counted since construction) gives a NaN observation when n is a multiple
+    of 97, and an infinite reward when n is a multiple of 131."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps_taken = 0
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = super().step(action)
+        self.steps_taken += 1
+        if self.steps_taken % NAN_OBSERVATION_EVERY == 0:
+            observation = np.full_like(observation, np.nan)
+        if self.steps_taken % INF_REWARD_EVERY == 0:
+            reward = math.inf
+        return observation, reward, terminated, truncated, info
+
+
+gym.register("tests/FaultyCartPole-v0", entry_point=FaultyCartPole, max_episode_steps=500)
+
+
+def test_nonfinite_observations_and_rewards_end_the_episode_and_never_reach_training(tmp_path):
+    hyperparams = tmp_path / "tiny.yml"
+    hyperparams.write_text(TINY_YAML.replace("CartPole-v1", "tests/FaultyCartPole-v0"))
+    assert main(["train", "tests/FaultyCartPole-v0", "--hyperparams", str(hyperparams), "--logdir", str(tmp_path),
+                 "--run-name", "faulty", "--checkpoint-freq", "200", "--checkpoint-replay-buffer", *TINY_RUN]) == 0
+    run = tmp_path / "faulty"
+    info = json.loads((run / "run.json").read_text())
+    assert info["nonfinite"] == {"observations": 600 // NAN_OBSERVATION_EVERY, "rewards": 600 // INF_REWARD_EVERY}
+    assert math.isfinite(info["online_return"]["mean"])
+    with open(run / "progress.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert float(rows[-1]["rollback/nonfinite_observations"]) >= 500 // NAN_OBSERVATION_EVERY
+    tensors, _ = load_tensors(run / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    store = CheckpointStore(run / "checkpoints")
+    for step in store.steps():
+        checkpoint = store.load(step)
+        snapshots, _ = checkpoint.load_tensors("snapshots.safetensors")
+        assert all(torch.isfinite(t).all() for t in snapshots.values() if t.is_floating_point())
+        with np.load(checkpoint.file("replay_buffer.npz")) as buffer:
+            for name in ("observations", "next_observations", "rewards"):
+                assert np.isfinite(buffer[name]).all(), name
 
 
 def test_plot_redraws_the_same_png(tiny_run, capsys):
