@@ -238,9 +238,18 @@ def _add_plot_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=plot)
 
 
+def _add_compare_command(commands: argparse._SubParsersAction) -> None:
+    from rollback_rl.compare.command import DESCRIPTION, add_compare_arguments, run_compare
+
+    parser = commands.add_parser("compare", help="benchmark the arms of PROTOCOL.md on tasks and seeds",
+                                 description=DESCRIPTION)
+    add_compare_arguments(parser)
+    parser.set_defaults(run=run_compare)
+
+
 #: The subcommands, in the order ``--help`` lists them; each adds its parser and sets ``run``.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train_command, _add_evaluate_command,
-                                                                _add_plot_command]
+                                                                _add_plot_command, _add_compare_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
