@@ -143,6 +143,7 @@ class RollbackCallback(EventCallback):
 
         self.rollbacks: list[RollbackEvent] = []
         self.scores: list[Score] = []
+        self.baseline: Score | None = None  # the untrained policy's evaluation (own eval env only)
         self.rebases = 0
         self.eval_timesteps = 0  # environment steps spent evaluating
         self.eval_seconds = 0.0  # wall time spent evaluating
@@ -173,6 +174,12 @@ class RollbackCallback(EventCallback):
     def _on_training_start(self) -> None:
         super()._on_training_start()
         self._next_check = self._next_multiple(self.num_timesteps)
+        if self.mode == "evaluate" and self.num_timesteps == 0 and not self.scores:
+            # The untrained policy's score is the floor of the learned range: without it, the first
+            # evaluations (already partly trained) would set a floor so high that any dip looks total.
+            self.baseline = self._evaluate()
+            self.history.observe(self.baseline)
+            self.logger.record("rollback/baseline_score", self.baseline.mean)
 
     def _next_multiple(self, timestep: int) -> int:
         return (timestep // self.eval_freq + 1) * self.eval_freq
@@ -247,8 +254,8 @@ class RollbackCallback(EventCallback):
     def _handle(self, score: Score) -> None:
         assert self.ring is not None
         self.scores.append(score)
-        self.history.observe(score)
         reference = self.ring.last_good
+        self.history.observe(score)
         if reference is not None and self.detector.update(self._score_of(reference), score, self.history.floor):
             self._rollback(score)
         elif self.history.is_good(score):

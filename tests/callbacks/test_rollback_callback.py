@@ -39,6 +39,7 @@ def test_no_rollback_when_the_policy_is_not_learning():
     assert len(rollback.scores) == 20
     assert len({s.mean for s in rollback.scores}) > 5  # the scores really were noisy
     assert rollback.rollbacks == [] and rollback.rebases == 0
+    assert rollback.baseline.timestep == 0 and rollback.history.floor <= rollback.baseline.mean
 
 
 def test_as_eval_callback_child_it_reuses_the_evaluation(tmp_path):
