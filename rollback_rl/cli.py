@@ -247,9 +247,20 @@ def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_compare)
 
 
+def _add_forgetting_command(commands: argparse._SubParsersAction) -> None:
+    from rollback_rl.forgetting.command import add_forgetting_arguments, run_forgetting
+
+    parser = commands.add_parser("forgetting", help="the A -> B -> A forgetting experiment, or --stationary",
+                                 description="Task switching (vanilla, rollback, task-keyed snapshot bank) and "
+                                             "the failure-share analysis of stationary collapses.")
+    add_forgetting_arguments(parser)
+    parser.set_defaults(run=run_forgetting)
+
+
 #: The subcommands, in the order ``--help`` lists them; each adds its parser and sets ``run``.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train_command, _add_evaluate_command,
-                                                                _add_plot_command, _add_compare_command]
+                                                                _add_plot_command, _add_compare_command,
+                                                                _add_forgetting_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
