@@ -191,6 +191,10 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
                              "(best minus lowest score) and significantly (default: 0.5)")
     parser.add_argument("--patience", type=_positive_int, default=1, metavar="N",
                         help="evaluations in a row that must show the drop (default: 1)")
+    parser.add_argument("--max-restores", type=_non_negative_int, default=2, metavar="N",
+                        help="restores of one snapshot after which the next collapse from it keeps the current "
+                             "weights; the snapshot comes back at the end if still better; 0: no limit "
+                             "(default: 2)")
     parser.add_argument("--checkpoint-freq", type=_non_negative_int, default=DEFAULT_CHECKPOINT_FREQ, metavar="N",
                         help=f"training timesteps between durable checkpoints, for --resume; 0: none "
                              f"(default: {DEFAULT_CHECKPOINT_FREQ:,})")
@@ -303,6 +307,7 @@ class TrainingPlan:
     run_dir: Path
     drop: float = 0.5
     patience: int = 1
+    max_restores: int = 2  # 0: no limit
     checkpoint_freq: int = DEFAULT_CHECKPOINT_FREQ
     checkpoint_replay_buffer: bool = False
     command: list[str] = field(default_factory=list)
@@ -316,12 +321,13 @@ class TrainingPlan:
     def from_json(cls, values: dict[str, Any], run_dir: Path) -> TrainingPlan:
         """The plan :meth:`to_json` stored (its hyperparameters as JSON, enough to build the envs)."""
         algorithms = ALGORITHMS if values["rollback"] else VANILLA_ALGORITHMS
+        defaults = {"max_restores": 0}  # runs started by 0.1, which had no limit, resume as they began
         return cls(algorithm=algorithms[values["algo"]], run_dir=run_dir,
-                   **{name: values[name] for name in _PLAN_JSON_FIELDS})
+                   **{name: values[name] if name in values else defaults[name] for name in _PLAN_JSON_FIELDS})
 
 
 _PLAN_JSON_FIELDS = ("env_id", "algo", "rollback", "seed", "steps", "eval_freq", "eval_episodes", "hyperparameters",
-                     "hyperparameter_sources", "drop", "patience", "checkpoint_freq", "checkpoint_replay_buffer",
+                     "hyperparameter_sources", "drop", "patience", "max_restores", "checkpoint_freq", "checkpoint_replay_buffer",
                      "command")
 
 
@@ -392,7 +398,7 @@ def plan_training(args: argparse.Namespace) -> TrainingPlan:
     return TrainingPlan(env_id=args.env_id, algo=args.algo, algorithm=algorithm, rollback=rollback, seed=args.seed,
                         steps=steps, eval_freq=eval_freq, eval_episodes=args.eval_episodes, hyperparameters=params,
                         hyperparameter_sources=sources, run_dir=_run_dir(args, algo_label), drop=args.drop,
-                        patience=args.patience, checkpoint_freq=args.checkpoint_freq,
+                        patience=args.patience, max_restores=args.max_restores, checkpoint_freq=args.checkpoint_freq,
                         checkpoint_replay_buffer=args.checkpoint_replay_buffer, command=[PROG, *args.argv])
 
 
@@ -543,7 +549,8 @@ def _evaluation_callback(plan: TrainingPlan, model: BaseAlgorithm, eval_env: Vec
     if plan.rollback:
         detector = SignificantDrop(drop=plan.drop, patience=plan.patience)
         return RollbackCallback(eval_env, eval_freq=plan.eval_freq, n_eval_episodes=plan.eval_episodes,
-                                detector=detector, verbose=2 if verbose >= 2 else 1)
+                                detector=detector, max_restores=plan.max_restores or None,
+                                verbose=2 if verbose >= 2 else 1)
     # Same schedule as RollbackCallback's (which counts timesteps summed over envs); EvalCallback counts calls.
     return EvalCallback(eval_env, n_eval_episodes=plan.eval_episodes, eval_freq=max(plan.eval_freq // model.n_envs, 1),
                         log_path=str(plan.run_dir / "evaluations"), deterministic=True, warn=False)
@@ -634,7 +641,8 @@ def run_info(session: TrainingSession, callback: BaseCallback, wall_time: float,
         "eval_freq": plan.eval_freq,
         "eval_episodes": plan.eval_episodes,
         "eval_seed": plan.seed + EVAL_SEED_OFFSET,
-        "detector": ({"name": "SignificantDrop", "drop": plan.drop, "patience": plan.patience}
+        "detector": ({"name": "SignificantDrop", "drop": plan.drop, "patience": plan.patience,
+                      "max_restores": plan.max_restores or None}
                      if plan.rollback else None),
         "hyperparameters": to_jsonable(plan.hyperparameters),
         "hyperparameter_sources": plan.hyperparameter_sources,

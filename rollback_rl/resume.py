@@ -11,6 +11,7 @@ atomically, previous checkpoint kept) into ``<run>/checkpoints/checkpoint-<times
                                  (num_timesteps, _n_updates, _episode_num, _n_calls, exploration rate,
                                  _current_progress_remaining, _total_timesteps, the episode-info buffer)
     snapshots.safetensors        the rollback callback's good snapshots with their scores
+    retired_snapshot.safetensors the snapshot it set aside (``max_restores``), if any
     training_state.safetensors   random-generator states (torch, numpy, Python, the action space's,
                                  each env's), the envs' counters (schedules, Monitor episode records,
                                  non-finite counts) and the evaluation callback's state (scores,
@@ -70,6 +71,7 @@ from rollback_rl.snapshots import SnapshotRing
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 SNAPSHOTS_FILE = "snapshots.safetensors"
+RETIRED_FILE = "retired_snapshot.safetensors"
 STATE_FILE = "training_state.safetensors"
 REPLAY_BUFFER_FILE = "replay_buffer.npz"
 LOCK_FILE = ".lock"
@@ -240,6 +242,7 @@ class ResumePoint:
     snapshots: SnapshotRing | None
     state: dict[str, Any]
     rng_tensors: dict[str, torch.Tensor]
+    retired: SnapshotRing | None = None
 
     @property
     def timestep(self) -> int:
@@ -267,6 +270,9 @@ def _read(checkpoint: Checkpoint, env: VecEnv, device: str | torch.device) -> Re
     snapshots = None
     if SNAPSHOTS_FILE in checkpoint.files:
         snapshots = load_snapshot_ring(checkpoint.file(SNAPSHOTS_FILE), device=model.device)
+    retired = None
+    if RETIRED_FILE in checkpoint.files:
+        retired = load_snapshot_ring(checkpoint.file(RETIRED_FILE), device=model.device)
     rng_tensors, state = checkpoint.load_tensors(STATE_FILE)
     for states in state["envs"].values():
         for env_state in states:
@@ -275,7 +281,7 @@ def _read(checkpoint: Checkpoint, env: VecEnv, device: str | torch.device) -> Re
         state["evaluation"] = _checked_evaluation_state(state["evaluation"])
     if REPLAY_BUFFER_FILE in checkpoint.files:
         load_replay_buffer(checkpoint.file(REPLAY_BUFFER_FILE), model.replay_buffer)
-    return ResumePoint(checkpoint, model, snapshots, state, rng_tensors)
+    return ResumePoint(checkpoint, model, snapshots, state, rng_tensors, retired)
 
 
 def load_resume_point(store: CheckpointStore, env: VecEnv, device: str | torch.device = "cpu",
@@ -390,6 +396,9 @@ class RunCheckpoints(BaseCallback):
         ring = getattr(self.evaluation_callback, "ring", None)
         if ring is not None:
             files[SNAPSHOTS_FILE] = lambda path: save_snapshot_ring(path, ring)
+        retired = getattr(self.evaluation_callback, "retired", None)
+        if retired is not None and len(retired):
+            files[RETIRED_FILE] = lambda path: save_snapshot_ring(path, retired)
         if self.save_replay_buffer and getattr(self.model, "replay_buffer", None) is not None:
             files[REPLAY_BUFFER_FILE] = lambda path: save_replay_buffer(path, self.model.replay_buffer)
         metadata = {**self.metadata, "timestep": int(self.num_timesteps), "wall_time_s": round(self.wall_time, 3)}
@@ -410,6 +419,11 @@ class RunCheckpoints(BaseCallback):
                 ring.clear()
                 for snapshot in point.snapshots:
                     ring.add(snapshot)
+            retired = getattr(self.evaluation_callback, "retired", None)
+            if retired is not None and point.retired is not None:
+                retired.clear()
+                for snapshot in point.retired:
+                    retired.add(snapshot)
             if self.evaluation_callback.eval_env is not None and "eval" in state["envs"]:
                 restore_env_states(self.evaluation_callback.eval_env, state["envs"]["eval"])
         model._last_obs = restore_env_states(self.training_env, state["envs"]["train"])

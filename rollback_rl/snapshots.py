@@ -132,6 +132,28 @@ class Snapshot:
         """Bytes held by this snapshot's tensor buffers."""
         return sum(t.numel() * t.element_size() for t in self.flat)
 
+    def clone(self) -> Snapshot:
+        """An independent copy (new buffers), e.g. to keep a snapshot after its ring slot is reused."""
+        flat = [storage.clone() for storage in self.flat]
+        tensors: dict[str, torch.Tensor] = {}
+        for key, view in self.tensors.items():
+            for old, new in zip(self.flat, flat):
+                offset = view.storage_offset() - old.storage_offset()
+                if (old.dim() == 1 and view.is_contiguous() and view.dtype == old.dtype
+                        and view.untyped_storage().data_ptr() == old.untyped_storage().data_ptr()
+                        and 0 <= offset <= old.numel() - view.numel()):
+                    tensors[key] = new[offset:offset + view.numel()].view(view.shape)
+                    break
+            else:
+                break
+        if tensors.keys() != self.tensors.keys():
+            # Not views of flat buffers (e.g. a snapshot read from a file): copy tensor by tensor.
+            tensors = {key: tensor.clone() for key, tensor in self.tensors.items()}
+            flat = [tensor.view(-1) for tensor in tensors.values()]
+        returns = None if self.episode_returns is None else self.episode_returns.copy()
+        return Snapshot(self.timestep, self.score, returns, tensors, copy.deepcopy(self.optimizer_tensor_keys),
+                        copy.deepcopy(self.optimizer_values), flat)
+
 
 def _allocate(layout: _Layout, device: torch.device | None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """One flat buffer per (dtype, device), with a view of it for each live tensor."""

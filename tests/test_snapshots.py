@@ -148,3 +148,22 @@ def test_restore_without_snapshot_and_bad_capacity_raise_clear_errors():
         SnapshotRing(capacity=0)
     with pytest.raises(TypeError, match="expected an nn.Module"):
         SnapshotRing().take({"oops": 3}, 0, 0.0)
+
+
+def test_a_clone_survives_its_slot_being_reused_and_restores_bitwise():
+    model, optimizer = make_model_and_optimizer()
+    train_steps(model, optimizer, 3)
+    state = {"model": model, "optimizer": optimizer}
+    ring = SnapshotRing(capacity=1)
+    original = ring.take(state, timestep=10, score=5.0, episode_returns=[4.0, 6.0])
+    saved = full_state(model, optimizer)
+    clone = original.clone()
+    assert clone.nbytes == original.nbytes and len(clone.flat) == len(original.flat)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(clone.flat, original.flat))
+    for _ in range(2):  # the ring wraps: the original slot's buffers are overwritten
+        train_steps(model, optimizer, 4)
+        ring.take(state, timestep=20, score=1.0)
+    assert not states_equal(saved, full_state(model, optimizer))
+    ring.restore(state, clone)
+    assert_states_equal(saved, full_state(model, optimizer))
+    assert (clone.timestep, clone.score, list(clone.episode_returns)) == (10, 5.0, [4.0, 6.0])

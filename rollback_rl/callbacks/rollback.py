@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -82,7 +83,11 @@ class RollbackCallback(EventCallback):
     ``tolerance`` (if not, the environment changed, or the snapshot's best score was a lucky one), the
     current weights stay and the fresh score becomes the reference. Without an evaluation env, the current level
     becomes the reference after ``max_consecutive_rollbacks`` rollbacks in a row with no good score
-    in between.
+    in between. Restoring weights does not restore the replay buffer, so training from a snapshot can
+    collapse again the same way: once a snapshot has been restored ``max_restores`` times, the next
+    collapse keeps the current weights and makes their score the reference (a rebase) instead of
+    restoring it a third time, and the snapshot is set aside; when training ends (``check_at_end``), it
+    comes back if it still scores better than the final weights on a fresh evaluation.
 
     Scores come from one of three places:
 
@@ -107,8 +112,13 @@ class RollbackCallback(EventCallback):
     :param max_snapshots: good snapshots kept in memory
     :param max_consecutive_rollbacks: online mode only: rollbacks in a row (no good score between)
         before the current level is accepted as the new reference
+    :param max_restores: restores of one snapshot after which the next collapse from it is a rebase
+        (``None``: no limit). Measured on four tasks (README, benchmarks/results): without a limit the
+        same early snapshot was restored up to 17 times, each time training collapsed again, and the run
+        never got past it (Acrobot-v1 ended at -500 where vanilla DQN ended at -95)
     :param check_at_end: evaluate once more when training ends and roll back if collapsed, so that
-        ``learn()`` does not return collapsed weights (with an ``eval_env`` only: EvalCallback does not
+        ``learn()`` does not return collapsed weights; a snapshot set aside by ``max_restores`` comes
+        back if a fresh evaluation says it is better (with an ``eval_env`` only: EvalCallback does not
         tell its child when training ends)
     :param callback_on_rollback: callback run right after each restore (e.g. to change a schedule)
     :param verbose: 0 silent, 1 one line per rollback, 2 also one line per score
@@ -124,6 +134,7 @@ class RollbackCallback(EventCallback):
         tolerance: float = 0.05,
         max_snapshots: int = 3,
         max_consecutive_rollbacks: int = 3,
+        max_restores: int | None = 2,
         check_at_end: bool = True,
         callback_on_rollback: BaseCallback | None = None,
         verbose: int = 0,
@@ -133,6 +144,7 @@ class RollbackCallback(EventCallback):
         self.n_eval_episodes = _positive_int("n_eval_episodes", n_eval_episodes)
         self.max_snapshots = _positive_int("max_snapshots", max_snapshots)
         self.max_consecutive_rollbacks = _positive_int("max_consecutive_rollbacks", max_consecutive_rollbacks)
+        self.max_restores = None if max_restores is None else _positive_int("max_restores", max_restores)
         if detector is not None and not isinstance(detector, CollapseDetector):
             raise TypeError(f"detector must be a CollapseDetector, got {type(detector).__name__}")
         self.detector = detector if detector is not None else SignificantDrop()
@@ -149,6 +161,9 @@ class RollbackCallback(EventCallback):
         self.eval_seconds = 0.0  # wall time spent evaluating
         self.ring: SnapshotRing | None = None
         self._current = SnapshotRing(1, check_finite=False)  # the collapsed weights, while a restore is checked
+        self.retired = SnapshotRing(1, check_finite=False)  # the best snapshot set aside by max_restores
+        self._restore_counts: dict[int, int] = {}  # snapshot timestep -> times restored
+        self._in_place = math.nan  # the score of the weights in place now
         self._consecutive_rollbacks = 0
         self._next_check = 0
         self._online_returns: list[float] = []
@@ -254,6 +269,7 @@ class RollbackCallback(EventCallback):
     def _handle(self, score: Score) -> None:
         assert self.ring is not None
         self.scores.append(score)
+        self._in_place = score.mean
         reference = self.ring.last_good
         self.history.observe(score)
         if reference is not None and self.detector.update(self._score_of(reference), score, self.history.floor):
@@ -301,6 +317,12 @@ class RollbackCallback(EventCallback):
         snapshot = self.ring.last_good
         assert snapshot is not None
         recorded_score = snapshot.score
+        restores = self._restore_counts.get(snapshot.timestep, 0)
+        if self.max_restores is not None and restores >= self.max_restores:
+            self._retire(snapshot)
+            self._rebase(score, f"the snapshot of timestep {snapshot.timestep} was restored {restores} times "
+                                "and training collapsed again")
+            return
         if self._evaluation_setup() is None:
             if self._consecutive_rollbacks >= self.max_consecutive_rollbacks:
                 self._rebase(score, f"{self._consecutive_rollbacks} rollbacks in a row")
@@ -325,6 +347,8 @@ class RollbackCallback(EventCallback):
             pooled = np.concatenate([snapshot.episode_returns if snapshot.episode_returns is not None
                                      else [snapshot.score], fresh.episode_returns])
             snapshot.score, snapshot.episode_returns = float(pooled.mean()), pooled
+        self._in_place = snapshot.score if verified is None else verified
+        self._restore_counts[snapshot.timestep] = restores + 1
         self.detector.reset()
         self._consecutive_rollbacks += 1
         self._online_returns = []  # episodes played by the collapsed weights say nothing about the restored ones
@@ -339,6 +363,14 @@ class RollbackCallback(EventCallback):
             print(message)
         if self.callback is not None:
             self._on_event()
+
+    def _retire(self, snapshot: Snapshot) -> None:
+        """Set ``snapshot`` aside for the end of training, if it scored better than the one set aside so far."""
+        kept = self.retired.last_good
+        if kept is None or snapshot.score > kept.score:
+            self.retired.clear()
+            self.retired.add(snapshot.clone())
+        self.logger.record("rollback/retired_score", self.retired.last_good.score)
 
     def _rebase(self, score: Score, reason: str, new_best: Score | None = None) -> None:
         """No rollback: take ``new_best`` (default: the current score) as the level to hold from now on."""
@@ -379,7 +411,8 @@ class RollbackCallback(EventCallback):
                 "bad_in_a_row": self.detector.bad_in_a_row, "rebases": self.rebases,
                 "eval_timesteps": self.eval_timesteps, "eval_seconds": self.eval_seconds,
                 "consecutive_rollbacks": self._consecutive_rollbacks, "next_check": self._next_check,
-                "online_returns": list(self._online_returns)}
+                "online_returns": list(self._online_returns), "in_place": self._in_place,
+                "restore_counts": {str(t): n for t, n in self._restore_counts.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Put back ``state_dict()``; call after training started (which sets the next check itself).
@@ -395,11 +428,42 @@ class RollbackCallback(EventCallback):
         self.eval_seconds = float(state["eval_seconds"])
         self._consecutive_rollbacks, self._next_check = int(state["consecutive_rollbacks"]), int(state["next_check"])
         self._online_returns = [float(r) for r in state["online_returns"]]
+        self._in_place = float(state.get("in_place", math.nan))  # absent from checkpoints of version 0.1
+        self._restore_counts = {int(t): int(n) for t, n in state.get("restore_counts", {}).items()}
 
     # -- end of training ------------------------------------------------------------------------
 
     def _on_training_end(self) -> None:
-        if not self.check_at_end or (self.scores and self.scores[-1].timestep == self.num_timesteps):
+        if not self.check_at_end or self.mode != "evaluate":
             return
-        if self.mode == "evaluate":
+        if not (self.scores and self.scores[-1].timestep == self.num_timesteps):
             self._handle(self._scheduled_evaluation())
+        self._bring_back_retired()
+
+    def _bring_back_retired(self) -> None:
+        """End of training: put back the snapshot set aside by ``max_restores`` if it is clearly better."""
+        retired = self.retired.last_good
+        if retired is None or not math.isfinite(self._in_place) or \
+                normalised_drop(retired.score, self._in_place, self.history.floor) <= self.history.tolerance:
+            return
+        self._current.take(sb3_training_state(self.model), self.num_timesteps, self._in_place)
+        self._restore(retired)
+        fresh = self._evaluate()
+        self.logger.record("rollback/verify_score", fresh.mean)
+        if normalised_drop(fresh.mean, self._in_place, self.history.floor) <= self.history.tolerance:
+            self._restore(self._current.last_good)
+            if self.verbose >= 1:
+                print(f"Rollback: kept the final weights (score {self._in_place:.2f}); the snapshot of timestep "
+                      f"{retired.timestep} set aside earlier now scores {fresh.mean:.2f}")
+            return
+        event = RollbackEvent(self.num_timesteps, self._in_place, retired.timestep, retired.score, fresh.mean)
+        self.rollbacks.append(event)
+        self._in_place = fresh.mean
+        message = (f"Rollback at the end of training: score {event.score:.2f}, restored the snapshot of timestep "
+                   f"{event.restored_timestep} set aside earlier (score {event.restored_score:.2f}, "
+                   f"{fresh.mean:.2f} when checked)")
+        self.logger.record("rollback/event", message, exclude=("stdout", "log", "json", "csv"))
+        self.logger.record("rollback/n_rollbacks", len(self.rollbacks))
+        self.logger.dump(self.num_timesteps)
+        if self.verbose >= 1:
+            print(message)

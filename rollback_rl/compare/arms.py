@@ -265,18 +265,18 @@ def train_with_eval_callback(spec: RunSpec, algorithm: type[BaseAlgorithm], para
 
 
 def rollback_callback_as_in_train(eval_env: VecEnv, settings: RunSettings,
-                                  on_rollback: BaseCallback | None = None) -> RollbackCallback:
+                                  on_rollback: BaseCallback | None = None, **options: Any) -> RollbackCallback:
     """The callback of ``rollback-rl train`` with its defaults (``--drop 0.5 --patience 1``, i.e.
-    ``SignificantDrop()``), on the settings' evaluation schedule."""
+    ``SignificantDrop()``), on the settings' evaluation schedule; ``options`` override other defaults."""
     return RollbackCallback(eval_env, eval_freq=settings.eval_freq, n_eval_episodes=settings.eval_episodes,
-                            callback_on_rollback=on_rollback)
+                            callback_on_rollback=on_rollback, **options)
 
 
 def train_with_rollback(spec: RunSpec, params: dict[str, Any],
-                        on_rollback: BaseCallback | None = None) -> TrainingOutcome:
+                        on_rollback: BaseCallback | None = None, **options: Any) -> TrainingOutcome:
     """Train as ``rollback-rl train`` does by default: ``RollbackDQN`` with ``RollbackCallback``."""
     model, eval_env = _build_model(spec, RollbackDQN, params)
-    callback = rollback_callback_as_in_train(eval_env, spec.settings, on_rollback)
+    callback = rollback_callback_as_in_train(eval_env, spec.settings, on_rollback, **options)
     started = time.perf_counter()
     model.learn(total_timesteps=spec.settings.steps, callback=callback)
     learn_seconds = time.perf_counter() - started
@@ -376,6 +376,13 @@ def vanilla_and_best_model(spec: RunSpec) -> ArmRecords:
               algorithm=RollbackDQN)
 def rollback_defaults(spec: RunSpec) -> ArmRecords:
     return {"rollback": arm_record(spec, "rollback", train_with_rollback(spec, hyperparameters(spec)))}
+
+
+@training_run("rollback_unlimited", "rollback-rl defaults but no limit on restores of one snapshot "
+                                     "(max_restores=None, the default before 0.2)", algorithm=RollbackDQN)
+def rollback_unlimited_restores(spec: RunSpec) -> ArmRecords:
+    outcome = train_with_rollback(spec, hyperparameters(spec), max_restores=None)
+    return {"rollback_unlimited": arm_record(spec, "rollback_unlimited", outcome)}
 
 
 @training_run("rollback_lr_half", "rollback-rl defaults plus ScaleLearningRate(0.5) after each rollback",

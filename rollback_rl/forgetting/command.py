@@ -72,6 +72,9 @@ def add_forgetting_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                         help=f"training timesteps between evaluations (default: {DEFAULTS.eval_freq:,})")
     parser.add_argument("--eval-episodes", type=int, default=DEFAULT_EVAL_EPISODES, metavar="N",
                         help=f"greedy episodes per task and evaluation (default: {DEFAULT_EVAL_EPISODES})")
+    parser.add_argument("--final-episodes", type=int, default=DEFAULTS.final_episodes, metavar="N",
+                        help="fresh greedy episodes of A scoring each run's final weights "
+                             f"(default: {DEFAULTS.final_episodes})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one DQN hyperparameter of every run, e.g. --set learning_starts=500 "
                              "(repeatable)")
@@ -133,6 +136,7 @@ def _overrides(pairs: Sequence[str]) -> tuple[tuple[str, Any], ...]:
 def _check(args: argparse.Namespace) -> dict[str, Any]:
     for option, value in (("--seeds", args.seeds), ("--steps", args.steps),
                           ("--eval-freq", args.eval_freq), ("--eval-episodes", args.eval_episodes),
+                          ("--final-episodes", args.final_episodes),
                           ("--workers", args.workers)):
         _positive(option, value)
     overrides = _overrides(args.overrides)
@@ -158,7 +162,8 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
     tasks = _comma_list(args.tasks, "--tasks")
     try:
         settings = ForgettingSettings(tasks=tuple(tasks), eval_freq=args.eval_freq, eval_episodes=args.eval_episodes,
-                                      phase_steps=_phase_steps(args.steps_per_task), overrides=overrides)
+                                      phase_steps=_phase_steps(args.steps_per_task), overrides=overrides,
+                                      final_episodes=args.final_episodes)
     except ValueError as error:
         raise ForgettingUsageError(str(error).replace("phase_steps", "--steps-per-task")
                                    .replace("eval_freq", "--eval-freq").replace("tasks must", "--tasks must")) from None
@@ -228,7 +233,8 @@ def _run_forgetting(plan: dict[str, Any], args: argparse.Namespace) -> int:
     plot_forgetting(records, settings.tasks, settings.phase_steps, run_dir / "forgetting.png")
     results = {"experiment": "A -> B -> A forgetting", "settings": asdict(settings),
                "arms": {arm: ARMS[arm] for arm in plan["arms"]}, "seeds": plan["seeds"],
-               **_environment(args, plan["workers"], started), "summary": summary,
+               **_environment(args, plan["workers"], started),
+               "cpu_minutes": sum(record["cpu_seconds"] for record in records) / 60, "summary": summary,
                "per_seed": {arm: {str(seed): m for seed, m in by_seed.items()} for arm, by_seed in per_seed.items()},
                "records": records}
     (run_dir / "results.json").write_text(to_json(results))
@@ -251,7 +257,7 @@ def format_summary(summary: dict[str, Any], settings: ForgettingSettings) -> str
              "relearn_steps": f"steps to relearn A to {settings.relearn_fraction:.0%} of its pre-switch score",
              "average_score": "average score on the task trained on",
              "online_return": "online return (training episodes)",
-             "final_score_a": "score on A at the end"}
+             "final_score_a": f"final weights on A ({settings.final_episodes} fresh episodes)"}
     lines = ["IQM [95% bootstrap interval] over seeds (mean in parentheses):"]
     for arm, arm_summary in summary.items():
         lines.append(f"  {arm} (seeds {len(arm_summary['seeds'])}): rollbacks {sum(arm_summary['rollbacks'])}, "
@@ -281,6 +287,7 @@ def _run_stationary(plan: dict[str, Any], args: argparse.Namespace) -> int:
     plot_stationary(runs, analysis, run_dir / "stationary.png")
     results = {"experiment": "failure share of the replay buffer before collapses, CartPole-v1",
                "steps": plan["steps"], "seeds": plan["seeds"], **_environment(args, plan["workers"], started),
+               "cpu_minutes": sum(run["cpu_seconds"] for run in runs) / 60,
                "analysis": analysis,
                "analysis_sampled": analyse(runs, variable="sampled_failure_share"),
                "records": runs}

@@ -9,8 +9,9 @@ buffer). The arms:
 
 - ``vanilla``: SB3's DQN;
 - ``rollback``: RollbackDQN with ``RollbackCallback`` at its defaults, evaluating the task being trained
-  on now. After a switch its rollback check finds that the old weights do no better on the new task
-  and "rebases" (keeps the current weights) instead of looping;
+  on now. After a switch its rollback check usually finds that the old weights do no better on the new
+  task and "rebases" (keeps the current weights) instead of looping; ``rollbacks`` and ``rebases`` in
+  each record show when it did not;
 - ``task_bank``: SB3's DQN with ``TaskSnapshotBank``, which is *told* the task (``info["task"]``) and puts
   back the last good weights of a task when it returns.
 
@@ -27,7 +28,10 @@ end of the first A phase, and T2, the end of B):
   at T1; 0 if nothing was lost; censored at the end of the run if never; undefined when A was not
   learned in the first place (level at T1 below ``learned_score``);
 - average score: mean, over all evaluations, of the score on the task being trained on at the time;
-- online return: mean return of the training episodes (what the agent earned while learning).
+- online return: mean return of the training episodes (what the agent earned while learning);
+- final score on A: the weights ``learn()`` returned (after ``RollbackCallback``'s end-of-training check,
+  for the rollback arm), scored on ``final_episodes`` fresh greedy episodes of A whose seeds were never
+  used in training (PROTOCOL.md; the seeds of ``rollback-rl compare``).
 
 Seeds run in a pool of processes, one torch thread each; each finished run is written to
 ``records/<arm>_seed<k>.json`` at once, and :func:`summarise` then gives IQMs and means with 95%
@@ -55,6 +59,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rollback_rl.agents import RollbackDQN
 from rollback_rl.callbacks import ReplayBufferDiagnostics, RollbackCallback
+from rollback_rl.compare.arms import final_episode_seed
 from rollback_rl.envs import SWITCHING_CARTPOLE_ID, TASK_NAMES
 from rollback_rl.forgetting.bank import TaskSnapshotBank
 from rollback_rl.forgetting.pool import run_jobs
@@ -84,6 +89,7 @@ class ForgettingSettings:
     :param exploration_steps: training timesteps over which epsilon falls to its final value, as in the
         Zoo's 50,000-step CartPole run (0.16 of it); a fraction of the whole run would stretch it with
         ``phase_steps``
+    :param final_episodes: greedy episodes of A scoring the weights ``learn()`` returned
     :param level_window: evaluations averaged for a task's level at the end of a phase
     :param relearn_fraction: A counts as relearned at this fraction of its level at the first switch
     :param learned_score: relearning is measured only where A's level at the first switch is at least this
@@ -96,6 +102,7 @@ class ForgettingSettings:
     eval_episodes: int = 5
     buffer_size: int = 10_000
     exploration_steps: int = 8_000
+    final_episodes: int = 100
     level_window: int = 3
     relearn_fraction: float = 0.9
     learned_score: float = 195.0  # CartPole-v0's "solved" level
@@ -111,8 +118,8 @@ class ForgettingSettings:
                 or any(steps < 1 or steps % self.eval_freq for steps in self.phase_steps):
             raise ValueError(f"phase_steps must be three positive multiples of eval_freq ({self.eval_freq}), so "
                              f"that the switches fall on evaluations; got {self.phase_steps!r}")
-        if self.eval_episodes < 1 or not 0 < self.relearn_fraction <= 1:
-            raise ValueError("eval_episodes must be positive and relearn_fraction in (0, 1]")
+        if self.eval_episodes < 1 or self.final_episodes < 1 or not 0 < self.relearn_fraction <= 1:
+            raise ValueError("eval_episodes and final_episodes must be positive, relearn_fraction in (0, 1]")
         if not 1 <= self.level_window <= min(self.phase_steps[:2]) // self.eval_freq:
             raise ValueError(f"level_window must be between 1 and the evaluations in a phase, got {self.level_window}")
 
@@ -168,6 +175,8 @@ class _EvaluateTheTaskTrainedOn(BaseCallback):
 
 def run_arm(arm: str, seed: int, settings: ForgettingSettings, tensorboard_dir: str | None = None) -> dict[str, Any]:
     """Train ``arm`` with ``seed`` through A, B, A and return its raw record (JSON-ready)."""
+    from rollback_rl.cli import greedy_returns  # cli imports this package: import when used
+
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     torch.set_num_threads(1)
@@ -195,6 +204,7 @@ def run_arm(arm: str, seed: int, settings: ForgettingSettings, tensorboard_dir: 
                                 n_eval_episodes=settings.eval_episodes)
         callbacks.append(bank)
     model.learn(settings.total_steps, callback=CallbackList(callbacks))
+    final_returns = greedy_returns(model, _switching_env((a,)), settings.final_episodes, final_episode_seed(seed))
 
     episode_returns = training_env.get_episode_rewards()
     records = diagnostics.records
@@ -211,6 +221,7 @@ def run_arm(arm: str, seed: int, settings: ForgettingSettings, tensorboard_dir: 
             "sampled_failure_share": [r.sampled_failure_share for r in records],
             "mean_sample_age": [r.mean_sample_age for r in records],
         },
+        "final_returns_a": final_returns,
         "online_return": float(np.mean(episode_returns)) if episode_returns else float("nan"),
         "training_episodes": len(episode_returns),
         "rollbacks": [asdict(event) for event in rollback.rollbacks] if rollback else [],
@@ -254,7 +265,7 @@ def level_at(timesteps: Sequence[int], scores: Sequence[float], timestep: int, w
 
 def seed_metrics(timesteps: Sequence[int], scores: Mapping[str, Sequence[float]],
                  settings: ForgettingSettings) -> dict[str, Any]:
-    """Forgetting, steps to relearn A, average score and final score on A of one run's evaluation curves."""
+    """Forgetting, steps to relearn A and average score of one run's evaluation curves."""
     a, b = settings.task_a, settings.task_b
     b_starts, a_returns = settings.switches
     window = settings.level_window
@@ -276,17 +287,17 @@ def seed_metrics(timesteps: Sequence[int], scores: Mapping[str, Sequence[float]]
         "relearn_steps": relearn_steps,
         "relearn_censored": censored,
         "average_score": float(np.mean(current)),
-        "final_score_a": float(scores[a][-1]),
     }
 
 
 def record_metrics(record: Mapping[str, Any]) -> dict[str, Any]:
-    """``seed_metrics`` of a run record, plus its online return and rollback/rebase/restore counts."""
+    """``seed_metrics`` of a run record, plus its final score on A, online return and rollback/rebase/restore counts."""
     settings = settings_from_dict(record["settings"])
     metrics = seed_metrics(record["timesteps"], record["scores"], settings)
     switches = settings.switches
     window = 4 * settings.eval_freq
     metrics.update(
+        final_score_a=float(np.mean(record["final_returns_a"])),
         online_return=record["online_return"],
         rollbacks=len(record["rollbacks"]),
         rebases=record["rebases"],

@@ -1,3 +1,5 @@
+import json
+
 import gymnasium as gym
 import pytest
 import torch
@@ -6,7 +8,7 @@ from stable_baselines3.common.callbacks import CallbackList, EvalCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 from helpers import (CARTPOLE_BALANCER, CARTPOLE_WOBBLER, CollapseAt, RecordState, ScrambleAt,
-                     assert_states_equal, linear_dqn, states_equal)
+                     assert_states_equal, copy_training_state, linear_dqn, states_equal)
 from rollback_rl.callbacks import RollbackCallback
 from rollback_rl.detectors import DropFromBest
 
@@ -179,3 +181,61 @@ def test_custom_detector_is_used():
     rollback = RollbackCallback("CartPole-v1", eval_freq=500, detector=DropFromBest(drop=0.01))
     model.learn(3000, callback=rollback)
     assert isinstance(rollback.detector, DropFromBest)
+
+
+class ScrambleAfterEach(ScrambleAt):
+    """Injected faults: scramble the weights at each of ``timesteps`` (the same garbage each time)."""
+
+    def __init__(self, timesteps) -> None:
+        super().__init__(0)
+        self.timesteps = set(timesteps)
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps in self.timesteps:
+            self.scramble(self.model)
+        return True
+
+
+@pytest.mark.parametrize("max_restores", [2, None])
+def test_a_snapshot_that_keeps_collapsing_is_set_aside_and_comes_back_at_the_end(max_restores):
+    # Good weights (500) snapshotted at 1,000; collapses injected before the evaluations of 1,500, 2,000
+    # and 2,500. With max_restores=2 the third collapse keeps the current weights (a rebase) and sets the
+    # snapshot aside; training ends on scrambled weights, so the snapshot comes back at the end.
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=1)
+    rollback = RollbackCallback("CartPole-v1", eval_freq=500, n_eval_episodes=3, max_restores=max_restores)
+    at_snapshot = RecordState(at_timesteps={1000})
+    model.learn(3000, callback=CallbackList([ScrambleAfterEach({1200, 1700, 2200}), rollback, at_snapshot]))
+
+    timesteps = [(event.timestep, event.restored_timestep) for event in rollback.rollbacks]
+    if max_restores is None:
+        assert timesteps == [(1500, 1000), (2000, 1000), (2500, 1000)] and rollback.rebases == 0
+        assert rollback.retired.last_good is None
+    else:
+        assert timesteps == [(1500, 1000), (2000, 1000), (3000, 1000)]  # the last one when learn() ended
+        assert rollback.rebases == 1
+        assert rollback.scores[-1].mean < 50  # no restore during training after the rebase
+        assert rollback.rollbacks[-1].verified_score == 500.0
+        assert_states_equal(at_snapshot.records[1000], copy_training_state(model))  # the snapshot, bitwise
+        resumed = RollbackCallback("CartPole-v1", max_restores=max_restores)
+        resumed.load_state_dict(json.loads(json.dumps(rollback.state_dict())))
+        assert resumed._restore_counts == {1000: 2} and resumed._in_place == 500.0
+
+
+def test_set_aside_snapshot_stays_away_when_the_final_weights_are_as_good():
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=1)
+    rollback = RollbackCallback("CartPole-v1", eval_freq=500, n_eval_episodes=3, max_restores=1)
+    # Collapses before 1,500 and 2,000; the second keeps the scrambled weights, which are then
+    # replaced by good ones again (as if training recovered) before the end.
+    recover = RecordState(at_timesteps={1000})
+
+    class Recover(ScrambleAt):
+        def _on_step(self):
+            if self.num_timesteps == 2600:
+                for name, value in recover.records[1000]["policy"].items():
+                    model.policy.state_dict()[name].copy_(value)
+            return True
+
+    model.learn(3000, callback=CallbackList([ScrambleAfterEach({1200, 1700}), rollback, recover, Recover(0)]))
+    assert [(e.timestep, e.restored_timestep) for e in rollback.rollbacks] == [(1500, 1000)]
+    assert rollback.rebases == 1 and rollback.retired.last_good.timestep == 1000
+    assert rollback.scores[-1].mean == 500.0  # recovered: the set-aside snapshot was not put back
