@@ -330,15 +330,11 @@ class RollbackCallback(EventCallback):
             self._restore(snapshot)
             verified = None
         else:
-            self._current.take(sb3_training_state(self.model), self.num_timesteps, score.mean)
-            self._restore(snapshot)
-            fresh = self._evaluate()
-            verified = fresh.mean
-            self.logger.record("rollback/verify_score", fresh.mean)
             # The detector already judged the fall from the recorded score real; now the snapshot only
             # has to be clearly better than the current weights (by more than the "good" tolerance).
-            if normalised_drop(fresh.mean, score.mean, self.history.floor) <= self.history.tolerance:
-                self._restore(self._current.last_good)
+            fresh, better = self._restore_if_better(snapshot, score.mean)
+            verified = fresh.mean
+            if not better:
                 snapshot.score, snapshot.episode_returns = fresh.mean, np.asarray(fresh.episode_returns)
                 self._rebase(score, f"the snapshot of timestep {snapshot.timestep} now scores {fresh.mean:.2f}",
                              new_best=fresh)
@@ -363,6 +359,19 @@ class RollbackCallback(EventCallback):
             print(message)
         if self.callback is not None:
             self._on_event()
+
+    def _restore_if_better(self, snapshot: Snapshot, current: float) -> tuple[Score, bool]:
+        """Restore ``snapshot`` and evaluate it afresh; unless it beats ``current`` (the score of the
+        weights in place) by more than ``tolerance``, put those weights back. Returns the fresh score and
+        whether the snapshot stayed."""
+        self._current.take(sb3_training_state(self.model), self.num_timesteps, current)
+        self._restore(snapshot)
+        fresh = self._evaluate()
+        self.logger.record("rollback/verify_score", fresh.mean)
+        if normalised_drop(fresh.mean, current, self.history.floor) <= self.history.tolerance:
+            self._restore(self._current.last_good)
+            return fresh, False
+        return fresh, True
 
     def _retire(self, snapshot: Snapshot) -> None:
         """Set ``snapshot`` aside for the end of training, if it scored better than the one set aside so far."""
@@ -446,12 +455,8 @@ class RollbackCallback(EventCallback):
         if retired is None or not math.isfinite(self._in_place) or \
                 normalised_drop(retired.score, self._in_place, self.history.floor) <= self.history.tolerance:
             return
-        self._current.take(sb3_training_state(self.model), self.num_timesteps, self._in_place)
-        self._restore(retired)
-        fresh = self._evaluate()
-        self.logger.record("rollback/verify_score", fresh.mean)
-        if normalised_drop(fresh.mean, self._in_place, self.history.floor) <= self.history.tolerance:
-            self._restore(self._current.last_good)
+        fresh, better = self._restore_if_better(retired, self._in_place)
+        if not better:
             if self.verbose >= 1:
                 print(f"Rollback: kept the final weights (score {self._in_place:.2f}); the snapshot of timestep "
                       f"{retired.timestep} set aside earlier now scores {fresh.mean:.2f}")
