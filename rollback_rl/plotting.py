@@ -3,7 +3,8 @@
 The plot shows the evaluation score (``eval/mean_reward``), the best score so far
 (``rollback/best_score``), the online training return (``rollout/ep_rew_mean``, SB3's mean over the last
 100 training episodes) and a vertical line at each rollback, found where ``rollback/n_rollbacks``
-goes up, with the collapsed score crossed and the restored weights' check (``rollback/verify_score``)
+goes up (and ``rollback/end_restore_score`` for a snapshot put back when training ended), with the
+collapsed score crossed and the restored weights' check (``rollback/verify_score``)
 circled. ``rollback-rl train`` and ``rollback-rl plot`` both draw through :func:`plot_run`, so
 re-drawing a finished run gives the same picture.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing import event_accumulator
 
-from rollback_rl.tensorboard_layout import BEST_TAG, EVAL_TAG, ROLLBACKS_TAG, TRAINING_RETURN_TAG
+from rollback_rl.tensorboard_layout import BEST_TAG, END_RESTORE_TAG, EVAL_TAG, ROLLBACKS_TAG, TRAINING_RETURN_TAG
 
 PLOT_FILENAME = "learning_curve.png"
 REBASES_TAG = "rollback/n_rebases"
@@ -77,8 +78,9 @@ def read_curves(run_dir: str | Path) -> RunCurves:
         evaluation=scalars[EVAL_TAG],
         training_return=scalars.get(TRAINING_RETURN_TAG, []),
         best_score=scalars.get(BEST_TAG, []),
-        rollback_timesteps=increase_timesteps(scalars.get(ROLLBACKS_TAG, [])),
-        restored_scores=scalars.get(VERIFY_TAG, []),
+        rollback_timesteps=increase_timesteps(scalars.get(ROLLBACKS_TAG, []))
+        + [step for step, _ in scalars.get(END_RESTORE_TAG, [])],
+        restored_scores=sorted(scalars.get(VERIFY_TAG, []) + scalars.get(END_RESTORE_TAG, [])),
         rebase_timesteps=increase_timesteps(scalars.get(REBASES_TAG, [])),
     )
 

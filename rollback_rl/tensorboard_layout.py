@@ -13,7 +13,8 @@ from stable_baselines3.common.logger import Logger, TensorBoardOutputFormat
 EVAL_TAG = "eval/mean_reward"
 BEST_TAG = "rollback/best_score"
 REFERENCE_TAG = "rollback/reference_score"
-ROLLBACKS_TAG = "rollback/n_rollbacks"
+ROLLBACKS_TAG = "rollback/n_rollbacks"  # rollbacks during training
+END_RESTORE_TAG = "rollback/end_restore_score"  # a set-aside snapshot put back at the end, its fresh score
 TRAINING_RETURN_TAG = "rollout/ep_rew_mean"
 CATEGORY = "rollback"
 MAIN_CHART = "evaluation score, best score and rollbacks"

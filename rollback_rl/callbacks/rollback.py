@@ -19,6 +19,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, sync_envs_norm
 
 from rollback_rl.detectors import CollapseDetector, Score, ScoreHistory, SignificantDrop, normalised_drop
 from rollback_rl.snapshots import NonFiniteStateError, Snapshot, SnapshotRing
+from rollback_rl.tensorboard_layout import END_RESTORE_TAG
 
 EVAL_SEED_OFFSET = 10_000  # evaluation episodes never share seeds with the training env's
 
@@ -457,6 +458,7 @@ class RollbackCallback(EventCallback):
             return
         fresh, better = self._restore_if_better(retired, self._in_place)
         if not better:
+            self.logger.dump(self.num_timesteps)
             if self.verbose >= 1:
                 print(f"Rollback: kept the final weights (score {self._in_place:.2f}); the snapshot of timestep "
                       f"{retired.timestep} set aside earlier now scores {fresh.mean:.2f}")
@@ -468,7 +470,9 @@ class RollbackCallback(EventCallback):
                    f"{event.restored_timestep} set aside earlier (score {event.restored_score:.2f}, "
                    f"{fresh.mean:.2f} when checked)")
         self.logger.record("rollback/event", message, exclude=("stdout", "log", "json", "csv"))
-        self.logger.record("rollback/n_rollbacks", len(self.rollbacks))
+        # Its own tag: the final step already holds this run's last rollback/n_rollbacks (and a second point
+        # at one step reads as a duplicated log, e.g. after a resume).
+        self.logger.record(END_RESTORE_TAG, fresh.mean)
         self.logger.dump(self.num_timesteps)
         if self.verbose >= 1:
             print(message)

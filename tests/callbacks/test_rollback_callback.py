@@ -11,6 +11,8 @@ from helpers import (CARTPOLE_BALANCER, CARTPOLE_WOBBLER, CollapseAt, RecordStat
                      assert_states_equal, copy_training_state, linear_dqn, states_equal)
 from rollback_rl.callbacks import RollbackCallback
 from rollback_rl.detectors import DropFromBest
+from rollback_rl.plotting import read_curves, read_scalars
+from rollback_rl.tensorboard_layout import END_RESTORE_TAG, ROLLBACKS_TAG
 
 torch.set_num_threads(1)
 
@@ -197,11 +199,13 @@ class ScrambleAfterEach(ScrambleAt):
 
 
 @pytest.mark.parametrize("max_restores", [2, None])
-def test_a_snapshot_that_keeps_collapsing_is_set_aside_and_comes_back_at_the_end(max_restores):
+def test_a_snapshot_that_keeps_collapsing_is_set_aside_and_comes_back_at_the_end(max_restores, tmp_path):
     # Good weights (500) snapshotted at 1,000; collapses injected before the evaluations of 1,500, 2,000
     # and 2,500. With max_restores=2 the third collapse keeps the current weights (a rebase) and sets the
     # snapshot aside; training ends on scrambled weights, so the snapshot comes back at the end.
+    from stable_baselines3.common.logger import configure
     model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=1)
+    model.set_logger(configure(str(tmp_path), ["tensorboard"]))
     rollback = RollbackCallback("CartPole-v1", eval_freq=500, n_eval_episodes=3, max_restores=max_restores)
     at_snapshot = RecordState(at_timesteps={1000})
     model.learn(3000, callback=CallbackList([ScrambleAfterEach({1200, 1700, 2200}), rollback, at_snapshot]))
@@ -219,6 +223,12 @@ def test_a_snapshot_that_keeps_collapsing_is_set_aside_and_comes_back_at_the_end
         resumed = RollbackCallback("CartPole-v1", max_restores=max_restores)
         resumed.load_state_dict(json.loads(json.dumps(rollback.state_dict())))
         assert resumed._restore_counts == {1000: 2} and resumed._in_place == 500.0
+    # TensorBoard: one point per evaluation (the final one included); the restore at the end has its own tag.
+    scalars = read_scalars(tmp_path)
+    assert [step for step, _ in scalars[ROLLBACKS_TAG]] == list(range(500, 3001, 500))
+    assert scalars[ROLLBACKS_TAG][-1][1] == (3 if max_restores is None else 2)
+    assert scalars.get(END_RESTORE_TAG) == (None if max_restores is None else [(3000, 500.0)])
+    assert read_curves(tmp_path).rollback_timesteps == [step for step, _ in timesteps]
 
 
 def test_set_aside_snapshot_stays_away_when_the_final_weights_are_as_good():
