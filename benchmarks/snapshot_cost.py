@@ -6,6 +6,10 @@ bytes. Part 2 runs CartPole-v1 DQN with the RL Zoo settings twice per seed, once
 EvalCallback and once with RollbackCallback on the same evaluation schedule (every 2,500 steps,
 5 episodes), and reports the wall-time ratio of the time spent outside evaluation (evaluation time
 and steps are reported separately: a rollback's check of the restored weights adds evaluations).
+A third arm, ``rollback_never``, is RollbackCallback with a detector that never fires: it follows the
+very same training trajectory as the EvalCallback run (checked: the final weights are compared), so
+its ratio is the pure cost of the bookkeeping (snapshots, scores), free of the noise of runs that
+diverge after a rollback.
 
     .venv/bin/python benchmarks/snapshot_cost.py            # both parts (about 10 minutes on 2 cores)
     .venv/bin/python benchmarks/snapshot_cost.py --quick    # part 1 only
@@ -31,6 +35,7 @@ from stable_baselines3.common.callbacks import EvalCallback
 from stable_baselines3.common.monitor import Monitor
 
 from rollback_rl.callbacks import RollbackCallback, sb3_training_state
+from rollback_rl.detectors import CollapseDetector
 from rollback_rl.snapshots import SnapshotRing
 
 ZOO_CARTPOLE = dict(learning_rate=2.3e-3, batch_size=64, buffer_size=100_000, learning_starts=1_000, gamma=0.99,
@@ -93,19 +98,39 @@ class TimedEvalCallback(EvalCallback):
         return result
 
 
+class NeverCollapses(CollapseDetector):
+    """A detector that never fires: RollbackCallback then takes snapshots and keeps scores, nothing else."""
+
+    def is_bad(self, reference, current, floor) -> bool:
+        return False
+
+
+ARMS = ("eval_callback", "rollback", "rollback_never")
+
+
+def weights_digest(model: DQN) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    for value in model.policy.state_dict().values():
+        digest.update(value.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def one_run(arm: str, seed: int, steps: int, eval_freq: int) -> dict:
     model = DQN("MlpPolicy", "CartPole-v1", seed=seed, **ZOO_CARTPOLE)
     eval_env = Monitor(gymnasium.make("CartPole-v1"))
     if arm == "eval_callback":
         callback = TimedEvalCallback(eval_env, eval_freq=eval_freq, n_eval_episodes=5, verbose=0)
     else:
-        callback = RollbackCallback(eval_env, eval_freq=eval_freq, n_eval_episodes=5, check_at_end=False)
+        detector = NeverCollapses() if arm == "rollback_never" else None
+        callback = RollbackCallback(eval_env, eval_freq=eval_freq, n_eval_episodes=5, check_at_end=False,
+                                    detector=detector)
     start = time.perf_counter()
     model.learn(steps, callback=callback)
     wall = time.perf_counter() - start
     result = {"arm": arm, "seed": seed, "wall_s": wall, "eval_s": callback.eval_seconds,
-              "train_s": wall - callback.eval_seconds}
-    if arm == "rollback":
+              "train_s": wall - callback.eval_seconds, "final_weights": weights_digest(model)}
+    if arm != "eval_callback":
         result.update(rollbacks=len(callback.rollbacks), eval_timesteps=callback.eval_timesteps)
     return result
 
@@ -113,17 +138,23 @@ def one_run(arm: str, seed: int, steps: int, eval_freq: int) -> dict:
 def wall_time_overhead(seeds: list[int], steps: int, eval_freq: int) -> dict:
     runs = []
     for seed in seeds:  # interleave the arms so that machine load affects both alike
-        for arm in ("eval_callback", "rollback"):
+        for arm in ARMS:
             runs.append(one_run(arm, seed, steps, eval_freq))
             print(f"  {arm:14s} seed {seed}: wall {runs[-1]['wall_s']:.1f} s, of which evaluating "
                   f"{runs[-1]['eval_s']:.1f} s", flush=True)
     base = [r for r in runs if r["arm"] == "eval_callback"]
     ours = [r for r in runs if r["arm"] == "rollback"]
+    never = [r for r in runs if r["arm"] == "rollback_never"]
     train_ratio = sum(r["train_s"] for r in ours) / sum(r["train_s"] for r in base)
     return {"runs": runs, "steps": steps, "eval_freq": eval_freq,
             "train_time_ratio_rollback_over_eval_callback": train_ratio,
             "wall_time_ratio_rollback_over_eval_callback": sum(r["wall_s"] for r in ours) / sum(r["wall_s"] for r in base),
-            "eval_seconds": {"eval_callback": sum(r["eval_s"] for r in base), "rollback": sum(r["eval_s"] for r in ours)}}
+            "train_time_ratio_rollback_never_over_eval_callback":
+                sum(r["train_s"] for r in never) / sum(r["train_s"] for r in base),
+            "per_seed_train_time_ratio_rollback_never": [n["train_s"] / b["train_s"] for n, b in zip(never, base)],
+            "rollback_never_same_final_weights_as_eval_callback":
+                all(n["final_weights"] == b["final_weights"] for n, b in zip(never, base)),
+            "eval_seconds": {arm: sum(r["eval_s"] for r in runs if r["arm"] == arm) for arm in ARMS}}
 
 
 def main() -> None:
@@ -155,6 +186,10 @@ def main() -> None:
               f"{wall['train_time_ratio_rollback_over_eval_callback']:.3f} (target <= 1.02)")
         print(f"  whole wall time ratio: {wall['wall_time_ratio_rollback_over_eval_callback']:.3f}; evaluation "
               f"seconds: EvalCallback {wall['eval_seconds']['eval_callback']:.1f}, rollback {wall['eval_seconds']['rollback']:.1f}")
+        print(f"  same trajectory, detector that never fires: training time ratio "
+              f"{wall['train_time_ratio_rollback_never_over_eval_callback']:.4f} (per seed "
+              + ", ".join(f"{r:.4f}" for r in wall['per_seed_train_time_ratio_rollback_never'])
+              + f"); same final weights as EvalCallback: {wall['rollback_never_same_final_weights_as_eval_callback']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

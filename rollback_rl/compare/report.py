@@ -86,6 +86,22 @@ def eval_curve_area(record: dict[str, Any], low: float, high: float) -> float:
     return normalised_area_under_curve(curve["timesteps"], curve["mean"], low, high)
 
 
+def in_place_curve(record: dict[str, Any]) -> list[float]:
+    """The evaluation curve of the weights in place after each evaluation's decision: where a rollback
+    followed an evaluation, the restored weights' fresh check (``verified_score``) replaces the collapsed
+    score that triggered it. The same as ``eval_curve`` for arms without rollbacks."""
+    means = list(record["eval_curve"]["mean"])
+    index = {timestep: i for i, timestep in enumerate(record["eval_curve"]["timesteps"])}
+    for event in record["rollbacks"]:  # in order: a later event at one timestep wins
+        if event.get("verified_score") is not None and event["timestep"] in index:
+            means[index[event["timestep"]]] = float(event["verified_score"])
+    return means
+
+
+def in_place_curve_area(record: dict[str, Any], low: float, high: float) -> float:
+    return normalised_area_under_curve(record["eval_curve"]["timesteps"], in_place_curve(record), low, high)
+
+
 def training_seconds(record: dict[str, Any]) -> float:
     """Wall time of ``learn()`` less the time spent evaluating (the same schedule in every arm)."""
     return float(record["time_s"]["learn"]) - float(record["time_s"]["evaluating"])
@@ -107,6 +123,7 @@ class ArmSummary:
     collapse_rate: Interval
     online_iqm: Interval | None = None
     area_iqm: Interval | None = None
+    in_place_area_iqm: Interval | None = None
     eval_env_steps: float | None = None  # mean per run
     learn_seconds: float | None = None  # median per run
     eval_seconds: float | None = None  # median per run
@@ -121,6 +138,7 @@ class ArmSummary:
                 "final_return_iqm": interval(self.final_iqm), "final_return_median": self.final_median,
                 "collapses": self.collapses, "collapse_rate": interval(self.collapse_rate),
                 "online_return_iqm": interval(self.online_iqm), "eval_curve_area_iqm": interval(self.area_iqm),
+                "in_place_eval_curve_area_iqm": interval(self.in_place_area_iqm),
                 "eval_env_steps_per_run": self.eval_env_steps, "learn_seconds_median": self.learn_seconds,
                 "eval_seconds_median": self.eval_seconds, "overhead_vs_vanilla": self.overhead,
                 "overhead_vs_vanilla_excluding_eval": self.overhead_excluding_eval,
@@ -150,6 +168,7 @@ def summarise_arm(task: str, arm: str, records: list[dict[str, Any]], reference:
         collapses=collapses, collapse_rate=wilson_interval(collapses, len(records)),
         online_iqm=_bootstrap(task, online) if online else None,
         area_iqm=_bootstrap(task, areas),
+        in_place_area_iqm=_bootstrap(task, [in_place_curve_area(r, *score_low_high) for r in records]),
         eval_env_steps=float(np.mean([r["eval_env_steps"] for r in records])),
         learn_seconds=float(np.median([r["time_s"]["learn"] for r in records])),
         eval_seconds=float(np.median([r["time_s"]["evaluating"] for r in records])),
@@ -230,7 +249,7 @@ def _number(value: float | None, digits: int = 0, suffix: str = "") -> str:
 
 
 COLUMNS = ("Task", "Arm", "Runs", "Final return IQM [95% CI]", "Final median", "Collapsed at end [95% CI]",
-           "Online return IQM [95% CI]", "Eval AUC IQM [95% CI]", "Eval env steps/run", "Learn s", "Eval s",
+           "Online return IQM [95% CI]", "Eval AUC IQM [95% CI]", "Eval AUC in place IQM [95% CI]", "Eval env steps/run", "Learn s", "Eval s",
            "Overhead vs vanilla (excl. eval)", "Rollbacks/run")
 
 
@@ -245,6 +264,7 @@ def table_rows(report: Report) -> list[list[str]]:
             row.task, row.arm, str(row.runs),
             _interval_text(row.final_iqm, digits), _number(row.final_median, digits), collapse,
             _interval_text(row.online_iqm, 1), _interval_text(row.area_iqm, 2),
+            _interval_text(row.in_place_area_iqm, 2),
             _number(row.eval_env_steps), _number(row.learn_seconds, 1), _number(row.eval_seconds, 1),
             overhead, _number(row.rollbacks_per_run, 2),
         ])
@@ -265,6 +285,9 @@ def notes(report: Report) -> list[str]:
     lines.append("Final return IQM: 95% stratified bootstrap interval, "
                  f"{BOOTSTRAP_RESAMPLES:,} resamples; collapse rate: Wilson interval.")
     lines.append(COLLAPSE_RULE)
+    lines.append("Eval AUC: area under the evaluation curve, normalised; 'in place': the same curve with each "
+                 "collapsed score that triggered a rollback replaced by the restored weights' fresh check, i.e. "
+                 "the score of the weights training went on with.")
     lines.append("Overhead: median over seeds of this arm's learn() wall time / vanilla's (same seed); in brackets "
                  "with the time spent evaluating left out of both. Runs shared the machine's cores, so wall times "
                  "carry that noise.")

@@ -132,6 +132,10 @@ def test_report_numbers_are_the_statistics_of_the_records(benchmark: Path) -> No
         areas = [normalised_area_under_curve(records[(arm, s)]["eval_curve"]["timesteps"],
                                              records[(arm, s)]["eval_curve"]["mean"], 0.0, 500.0) for s in SEEDS]
         assert rows[arm]["eval_curve_area_iqm"]["estimate"] == pytest.approx(iqm(areas))
+        in_place = [report.in_place_curve_area(records[(arm, s)], 0.0, 500.0) for s in SEEDS]
+        assert rows[arm]["in_place_eval_curve_area_iqm"]["estimate"] == pytest.approx(iqm(in_place))
+        if arm != "rollback":
+            assert in_place == pytest.approx(areas)
         online = [records[(arm, s)]["online_return"]["mean"] for s in SEEDS]
         assert rows[arm]["online_return_iqm"]["estimate"] == pytest.approx(iqm(online))
         assert rows[arm]["eval_env_steps_per_run"] == pytest.approx(np.mean([records[(arm, s)]["eval_env_steps"]
@@ -200,3 +204,16 @@ def test_collapse_at_end_is_measured_on_the_learned_range(peak: float, lowest: f
                                                           collapsed: bool) -> None:
     record = {"peak_eval": peak, "lowest_eval": lowest, "final_policy": {"mean": final}}
     assert report.collapsed_at_end(record) is collapsed
+
+
+def test_in_place_curve_replaces_each_collapsed_score_by_the_restored_weights_check() -> None:
+    record = {"eval_curve": {"timesteps": [100, 200, 300, 400, 450], "mean": [50.0, 500.0, 20.0, 480.0, 9.0]},
+              "rollbacks": [{"timestep": 300, "verified_score": 490.0},
+                            {"timestep": 400, "verified_score": None},  # online mode: no check, curve kept
+                            {"timestep": 450, "verified_score": 470.0},
+                            {"timestep": 450, "verified_score": 495.0}]}  # the end-of-training restore came last
+    assert report.in_place_curve(record) == [50.0, 500.0, 490.0, 480.0, 495.0]
+    assert record["eval_curve"]["mean"] == [50.0, 500.0, 20.0, 480.0, 9.0]  # the record is left as it is
+    assert report.in_place_curve_area(record, 0.0, 500.0) == pytest.approx(
+        normalised_area_under_curve([100, 200, 300, 400, 450], [50.0, 500.0, 490.0, 480.0, 495.0], 0.0, 500.0))
+    assert report.in_place_curve_area(record, 0.0, 500.0) > report.eval_curve_area(record, 0.0, 500.0)
