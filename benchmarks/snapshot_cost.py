@@ -9,7 +9,9 @@ and steps are reported separately: a rollback's check of the restored weights ad
 A third arm, ``rollback_never``, is RollbackCallback with a detector that never fires: it follows the
 very same training trajectory as the EvalCallback run (checked: the final weights are compared), so
 its ratio is the pure cost of the bookkeeping (snapshots, scores), free of the noise of runs that
-diverge after a rollback.
+diverge after a rollback. A fourth, ``rollback_dqn_never``, does the same with RollbackDQN (the undo
+log of every gradient step and the non-finite guard: what ``rollback-rl train`` runs), again on the
+same trajectory.
 
     .venv/bin/python benchmarks/snapshot_cost.py            # both parts (about 10 minutes on 2 cores)
     .venv/bin/python benchmarks/snapshot_cost.py --quick    # part 1 only
@@ -34,6 +36,7 @@ from stable_baselines3 import DQN
 from stable_baselines3.common.callbacks import EvalCallback
 from stable_baselines3.common.monitor import Monitor
 
+from rollback_rl.agents import RollbackDQN
 from rollback_rl.callbacks import RollbackCallback, sb3_training_state
 from rollback_rl.detectors import CollapseDetector
 from rollback_rl.snapshots import SnapshotRing
@@ -105,7 +108,8 @@ class NeverCollapses(CollapseDetector):
         return False
 
 
-ARMS = ("eval_callback", "rollback", "rollback_never")
+ARMS = ("eval_callback", "rollback", "rollback_never", "rollback_dqn_never")
+NEVER_ARMS = ("rollback_never", "rollback_dqn_never")
 
 
 def weights_digest(model: DQN) -> str:
@@ -117,12 +121,13 @@ def weights_digest(model: DQN) -> str:
 
 
 def one_run(arm: str, seed: int, steps: int, eval_freq: int) -> dict:
-    model = DQN("MlpPolicy", "CartPole-v1", seed=seed, **ZOO_CARTPOLE)
+    algorithm = RollbackDQN if arm == "rollback_dqn_never" else DQN
+    model = algorithm("MlpPolicy", "CartPole-v1", seed=seed, **ZOO_CARTPOLE)
     eval_env = Monitor(gymnasium.make("CartPole-v1"))
     if arm == "eval_callback":
         callback = TimedEvalCallback(eval_env, eval_freq=eval_freq, n_eval_episodes=5, verbose=0)
     else:
-        detector = NeverCollapses() if arm == "rollback_never" else None
+        detector = NeverCollapses() if arm in NEVER_ARMS else None
         callback = RollbackCallback(eval_env, eval_freq=eval_freq, n_eval_episodes=5, check_at_end=False,
                                     detector=detector)
     start = time.perf_counter()
@@ -137,24 +142,27 @@ def one_run(arm: str, seed: int, steps: int, eval_freq: int) -> dict:
 
 def wall_time_overhead(seeds: list[int], steps: int, eval_freq: int) -> dict:
     runs = []
-    for seed in seeds:  # interleave the arms so that machine load affects both alike
-        for arm in ARMS:
+    for seed in seeds:  # interleave the arms so that machine load affects all alike; alternate the order
+        for arm in (ARMS if seed % 2 == 0 else ARMS[::-1]):
             runs.append(one_run(arm, seed, steps, eval_freq))
             print(f"  {arm:14s} seed {seed}: wall {runs[-1]['wall_s']:.1f} s, of which evaluating "
                   f"{runs[-1]['eval_s']:.1f} s", flush=True)
+    runs.sort(key=lambda r: (r["seed"], ARMS.index(r["arm"])))
     base = [r for r in runs if r["arm"] == "eval_callback"]
     ours = [r for r in runs if r["arm"] == "rollback"]
-    never = [r for r in runs if r["arm"] == "rollback_never"]
     train_ratio = sum(r["train_s"] for r in ours) / sum(r["train_s"] for r in base)
-    return {"runs": runs, "steps": steps, "eval_freq": eval_freq,
-            "train_time_ratio_rollback_over_eval_callback": train_ratio,
-            "wall_time_ratio_rollback_over_eval_callback": sum(r["wall_s"] for r in ours) / sum(r["wall_s"] for r in base),
-            "train_time_ratio_rollback_never_over_eval_callback":
-                sum(r["train_s"] for r in never) / sum(r["train_s"] for r in base),
-            "per_seed_train_time_ratio_rollback_never": [n["train_s"] / b["train_s"] for n, b in zip(never, base)],
-            "rollback_never_same_final_weights_as_eval_callback":
-                all(n["final_weights"] == b["final_weights"] for n, b in zip(never, base)),
-            "eval_seconds": {arm: sum(r["eval_s"] for r in runs if r["arm"] == arm) for arm in ARMS}}
+    result = {"runs": runs, "steps": steps, "eval_freq": eval_freq,
+              "train_time_ratio_rollback_over_eval_callback": train_ratio,
+              "wall_time_ratio_rollback_over_eval_callback": sum(r["wall_s"] for r in ours) / sum(r["wall_s"] for r in base),
+              "eval_seconds": {arm: sum(r["eval_s"] for r in runs if r["arm"] == arm) for arm in ARMS}}
+    for arm in NEVER_ARMS:
+        never = [r for r in runs if r["arm"] == arm]
+        result[f"train_time_ratio_{arm}_over_eval_callback"] = sum(r["train_s"] for r in never) / sum(
+            r["train_s"] for r in base)
+        result[f"per_seed_train_time_ratio_{arm}"] = [n["train_s"] / b["train_s"] for n, b in zip(never, base)]
+        result[f"{arm}_same_final_weights_as_eval_callback"] = all(
+            n["final_weights"] == b["final_weights"] for n, b in zip(never, base))
+    return result
 
 
 def main() -> None:
@@ -186,10 +194,11 @@ def main() -> None:
               f"{wall['train_time_ratio_rollback_over_eval_callback']:.3f} (target <= 1.02)")
         print(f"  whole wall time ratio: {wall['wall_time_ratio_rollback_over_eval_callback']:.3f}; evaluation "
               f"seconds: EvalCallback {wall['eval_seconds']['eval_callback']:.1f}, rollback {wall['eval_seconds']['rollback']:.1f}")
-        print(f"  same trajectory, detector that never fires: training time ratio "
-              f"{wall['train_time_ratio_rollback_never_over_eval_callback']:.4f} (per seed "
-              + ", ".join(f"{r:.4f}" for r in wall['per_seed_train_time_ratio_rollback_never'])
-              + f"); same final weights as EvalCallback: {wall['rollback_never_same_final_weights_as_eval_callback']}")
+        for arm in NEVER_ARMS:
+            print(f"  {arm} (same trajectory, detector that never fires): training time ratio "
+                  f"{wall[f'train_time_ratio_{arm}_over_eval_callback']:.4f} (per seed "
+                  + ", ".join(f"{r:.4f}" for r in wall[f'per_seed_train_time_ratio_{arm}'])
+                  + f"); same final weights as EvalCallback: {wall[f'{arm}_same_final_weights_as_eval_callback']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
