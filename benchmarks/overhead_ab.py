@@ -16,41 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import gymnasium
 import torch
-from stable_baselines3 import DQN
-from stable_baselines3.common.monitor import Monitor
 
-from rollback_rl.callbacks import RollbackCallback
-from snapshot_cost import ZOO_CARTPOLE, NeverCollapses, TimedEvalCallback, weights_digest
-
-
-def one_run(arm: str, seed: int, steps: int) -> dict:
-    model = DQN("MlpPolicy", "CartPole-v1", seed=seed, **ZOO_CARTPOLE)
-    timed = {"train": 0.0}
-    train = model.train
-
-    def timed_train(*args, **kwargs):
-        start = time.perf_counter()
-        result = train(*args, **kwargs)
-        timed["train"] += time.perf_counter() - start
-        return result
-
-    model.train = timed_train
-    env = Monitor(gymnasium.make("CartPole-v1"))
-    if arm == "eval_callback":
-        callback = TimedEvalCallback(env, eval_freq=2_500, n_eval_episodes=5, verbose=0)
-    else:
-        callback = RollbackCallback(env, eval_freq=2_500, n_eval_episodes=5, check_at_end=False,
-                                    detector=NeverCollapses())
-    start = time.perf_counter()
-    model.learn(steps, callback=callback)
-    wall = time.perf_counter() - start
-    return {"arm": arm, "wall_s": wall, "train_s": timed["train"], "eval_s": callback.eval_seconds,
-            "other_s": wall - timed["train"] - callback.eval_seconds, "final_weights": weights_digest(model)}
+from snapshot_cost import one_run
 
 
 def main() -> None:
@@ -64,22 +34,20 @@ def main() -> None:
     runs = []
     for _ in range(args.blocks):
         for arm in ("eval_callback", "rollback_never", "rollback_never", "eval_callback"):
-            runs.append(one_run(arm, args.seed, args.steps))
-            print(f"  {arm:14s} wall {runs[-1]['wall_s']:6.2f} s  train() {runs[-1]['train_s']:6.2f} s  "
+            run = one_run(arm, args.seed, args.steps, eval_freq=2_500)
+            runs.append({**run, "other_s": run["train_s"] - run["gradient_s"]})
+            print(f"  {arm:14s} wall {runs[-1]['wall_s']:6.2f} s  train() {runs[-1]['gradient_s']:6.2f} s  "
                   f"other {runs[-1]['other_s']:5.2f} s  eval {runs[-1]['eval_s']:4.2f} s", flush=True)
 
     def ratio(key: str) -> float:
         return sum(r[key] for r in runs if r["arm"] == "rollback_never") / sum(
             r[key] for r in runs if r["arm"] == "eval_callback")
 
-    train_times = [r["train_s"] for r in runs]
-    for run in runs:
-        run["outside_eval_s"] = run["wall_s"] - run["eval_s"]
-    outside = ratio("outside_eval_s")
+    train_times = [r["gradient_s"] for r in runs]
     result = {"steps": args.steps, "seed": args.seed, "blocks": args.blocks, "runs": runs,
               "same_final_weights": len({r["final_weights"] for r in runs}) == 1,
-              "ratio_train_identical_work": ratio("train_s"), "ratio_other": ratio("other_s"),
-              "ratio_outside_evaluation": outside,
+              "ratio_train_identical_work": ratio("gradient_s"), "ratio_other": ratio("other_s"),
+              "ratio_outside_evaluation": ratio("train_s"),
               "train_s_range_identical_work": [min(train_times), max(train_times)]}
     print(f"rollback_never / EvalCallback: train() (identical work, the control) {result['ratio_train_identical_work']:.3f}, "
           f"other {result['ratio_other']:.3f}, all outside evaluation {result['ratio_outside_evaluation']:.3f}; "

@@ -309,6 +309,15 @@ def load_resume_point(store: CheckpointStore, env: VecEnv, device: str | torch.d
 
 # -- the callback ------------------------------------------------------------------------------------
 
+def _refill(ring: SnapshotRing | None, saved: SnapshotRing | None) -> None:
+    """Replace the snapshots of the callback's ``ring`` by the ``saved`` ones (when both exist)."""
+    if ring is None or saved is None:
+        return
+    ring.clear()
+    for snapshot in saved:
+        ring.add(snapshot)
+
+
 class RunCheckpoints(BaseCallback):
     """Write a durable checkpoint of the whole run every ``checkpoint_freq`` timesteps (and when
     training starts), and put a :class:`ResumePoint`'s state back when a resumed run starts.
@@ -414,16 +423,8 @@ class RunCheckpoints(BaseCallback):
         self._wall_time_before = float(point.checkpoint.metadata.get("wall_time_s", 0.0))
         if self.evaluation_callback is not None and state.get("evaluation") is not None:
             restore_evaluation_state(self.evaluation_callback, state["evaluation"])
-            ring = getattr(self.evaluation_callback, "ring", None)
-            if ring is not None and point.snapshots is not None:
-                ring.clear()
-                for snapshot in point.snapshots:
-                    ring.add(snapshot)
-            retired = getattr(self.evaluation_callback, "retired", None)
-            if retired is not None and point.retired is not None:
-                retired.clear()
-                for snapshot in point.retired:
-                    retired.add(snapshot)
+            _refill(getattr(self.evaluation_callback, "ring", None), point.snapshots)
+            _refill(getattr(self.evaluation_callback, "retired", None), point.retired)
             if self.evaluation_callback.eval_env is not None and "eval" in state["envs"]:
                 restore_env_states(self.evaluation_callback.eval_env, state["envs"]["eval"])
         model._last_obs = restore_env_states(self.training_env, state["envs"]["train"])

@@ -249,8 +249,8 @@ def _number(value: float | None, digits: int = 0, suffix: str = "") -> str:
 
 
 COLUMNS = ("Task", "Arm", "Runs", "Final return IQM [95% CI]", "Final median", "Collapsed at end [95% CI]",
-           "Online return IQM [95% CI]", "Eval AUC IQM [95% CI]", "Eval AUC in place IQM [95% CI]", "Eval env steps/run", "Learn s", "Eval s",
-           "Overhead vs vanilla (excl. eval)", "Rollbacks/run")
+           "Online return IQM [95% CI]", "Eval AUC IQM [95% CI]", "Eval AUC in place IQM [95% CI]",
+           "Eval env steps/run", "Learn s", "Eval s", "Overhead vs vanilla (excl. eval)", "Rollbacks/run")
 
 
 def table_rows(report: Report) -> list[list[str]]:
