@@ -11,7 +11,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback, EvalCallback, EventCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback, EventCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.save_util import recursive_getattr
@@ -141,6 +141,9 @@ class RollbackCallback(EventCallback):
         verbose: int = 0,
     ) -> None:
         super().__init__(callback_on_rollback, verbose=verbose)
+        if isinstance(callback_on_rollback, CallbackList):
+            for child in callback_on_rollback.callbacks:  # remedies read the rollback from their parent
+                child.parent = self
         self.eval_freq = _positive_int("eval_freq", eval_freq)
         self.n_eval_episodes = _positive_int("n_eval_episodes", n_eval_episodes)
         self.max_snapshots = _positive_int("max_snapshots", max_snapshots)
@@ -444,7 +447,15 @@ class RollbackCallback(EventCallback):
     # -- end of training ------------------------------------------------------------------------
 
     def _on_training_end(self) -> None:
-        if not self.check_at_end or self.mode != "evaluate":
+        if self.check_at_end:
+            self.check_end_of_training()
+
+    def check_end_of_training(self) -> None:
+        """Evaluate once more (unless the last evaluation was at this timestep), roll back if collapsed, and
+        put back a snapshot set aside by ``max_restores`` if it is clearly better. What ``learn()`` does at
+        its end with ``check_at_end=True``; call it yourself after ``learn()`` with ``check_at_end=False``
+        to score the final weights both before and after the check. Own evaluation env only."""
+        if self.mode != "evaluate":
             return
         if not (self.scores and self.scores[-1].timestep == self.num_timesteps):
             self._handle(self._scheduled_evaluation())

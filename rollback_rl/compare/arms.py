@@ -31,7 +31,7 @@ import stable_baselines3
 import torch
 from stable_baselines3 import DQN
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback
 from stable_baselines3.common.vec_env import VecEnv
 
 import rollback_rl
@@ -39,7 +39,8 @@ import rollback_rl.envs  # registers this package's environments with gymnasium
 from rollback_rl.agents import RollbackDQN
 from rollback_rl.callbacks import RollbackCallback
 from rollback_rl.callbacks.rollback import EVAL_SEED_OFFSET
-from rollback_rl.callbacks.schedules import ScaleLearningRate
+from rollback_rl.callbacks.recovery import CoolLearningRate, DropRecentTransitions, ResetOptimizer, SlowTargetUpdates
+from rollback_rl.callbacks.schedules import ScaleLearningRate, ScaledSchedule
 from rollback_rl.compare.records import RECORD_SCHEMA
 from rollback_rl.hyperparams import (
     DEFAULT_EVAL_EPISODES,
@@ -207,6 +208,26 @@ class TrainingOutcome:
     online_returns: list[float]
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     rebases: int = 0
+    training_episodes: dict[str, list[Any]] = field(default_factory=dict)
+
+
+class TrainingEpisodes(BaseCallback):
+    """Every training episode as it ends: the timestep, its return and length, and whether it ended in
+    failure (terminated, not truncated by a time limit). Changes nothing in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.episodes: dict[str, list[Any]] = {"end_timestep": [], "return": [], "length": [], "failed": []}
+
+    def _on_step(self) -> bool:
+        for done, info in zip(self.locals["dones"], self.locals["infos"]):
+            episode = info.get("episode")
+            if done and episode is not None:
+                self.episodes["end_timestep"].append(int(self.num_timesteps))
+                self.episodes["return"].append(float(episode["r"]))
+                self.episodes["length"].append(int(episode["l"]))
+                self.episodes["failed"].append(not info.get("TimeLimit.truncated", False))
+        return True
 
 
 def _build_model(spec: RunSpec, algorithm: type[BaseAlgorithm], params: dict[str, Any]) -> tuple[BaseAlgorithm, VecEnv]:
@@ -243,17 +264,20 @@ class TimedEvalCallback(EvalCallback):
 
 
 def train_with_eval_callback(spec: RunSpec, algorithm: type[BaseAlgorithm], params: dict[str, Any],
-                             best_model_dir: str | None = None) -> TrainingOutcome:
+                             best_model_dir: str | None = None,
+                             after_eval: BaseCallback | None = None) -> TrainingOutcome:
     """Train with SB3's ``EvalCallback`` on the settings' schedule; ``best_model_dir``: where it saves
-    ``best_model.zip`` (``None``: not saved)."""
+    ``best_model.zip`` (``None``: not saved); ``after_eval``: its ``callback_after_eval``."""
     model, eval_env = _build_model(spec, algorithm, params)
+    episodes = TrainingEpisodes()
     with tempfile.TemporaryDirectory(prefix="rollback-rl-compare-") as log_dir:
         # n_envs = 1 unless the hyperparameters say otherwise; EvalCallback counts calls, not timesteps.
         callback = TimedEvalCallback(eval_env, eval_freq=max(spec.settings.eval_freq // model.n_envs, 1),
                                      n_eval_episodes=spec.settings.eval_episodes, deterministic=True,
-                                     best_model_save_path=best_model_dir, log_path=log_dir, verbose=0, warn=False)
+                                     best_model_save_path=best_model_dir, log_path=log_dir, verbose=0, warn=False,
+                                     callback_after_eval=after_eval)
         started = time.perf_counter()
-        model.learn(total_timesteps=spec.settings.steps, callback=callback)
+        model.learn(total_timesteps=spec.settings.steps, callback=CallbackList([callback, episodes]))
         learn_seconds = time.perf_counter() - started
     eval_env.close()
     return TrainingOutcome(
@@ -261,7 +285,7 @@ def train_with_eval_callback(spec: RunSpec, algorithm: type[BaseAlgorithm], para
         eval_returns=[[float(r) for r in returns] for returns in callback.evaluations_results],
         eval_env_steps=int(sum(np.sum(lengths) for lengths in callback.evaluations_length)),
         eval_seconds=callback.eval_seconds, learn_seconds=learn_seconds,
-        online_returns=_training_episode_returns(model))
+        online_returns=_training_episode_returns(model), training_episodes=episodes.episodes)
 
 
 def rollback_callback_as_in_train(eval_env: VecEnv, settings: RunSettings,
@@ -275,18 +299,30 @@ def rollback_callback_as_in_train(eval_env: VecEnv, settings: RunSettings,
 def train_with_rollback(spec: RunSpec, params: dict[str, Any],
                         on_rollback: BaseCallback | None = None, **options: Any) -> TrainingOutcome:
     """Train as ``rollback-rl train`` does by default: ``RollbackDQN`` with ``RollbackCallback``."""
+    outcome, _ = _train_with_rollback(spec, params, on_rollback, **options)
+    return outcome
+
+
+def _train_with_rollback(spec: RunSpec, params: dict[str, Any], on_rollback: BaseCallback | None = None,
+                         **options: Any) -> tuple[TrainingOutcome, RollbackCallback]:
     model, eval_env = _build_model(spec, RollbackDQN, params)
     callback = rollback_callback_as_in_train(eval_env, spec.settings, on_rollback, **options)
+    episodes = TrainingEpisodes()
     started = time.perf_counter()
-    model.learn(total_timesteps=spec.settings.steps, callback=callback)
+    model.learn(total_timesteps=spec.settings.steps, callback=CallbackList([callback, episodes]))
     learn_seconds = time.perf_counter() - started
-    eval_env.close()
+    return _rollback_outcome(model, params, callback, learn_seconds, episodes.episodes), callback
+
+
+def _rollback_outcome(model: BaseAlgorithm, params: dict[str, Any], callback: RollbackCallback,
+                      learn_seconds: float, episodes: dict[str, list[Any]]) -> TrainingOutcome:
     return TrainingOutcome(
         model=model, hyperparameters=params, eval_timesteps=[s.timestep for s in callback.scores],
         eval_returns=[list(s.episode_returns or [s.mean]) for s in callback.scores],
         eval_env_steps=callback.eval_timesteps, eval_seconds=callback.eval_seconds, learn_seconds=learn_seconds,
         online_returns=_training_episode_returns(model),
-        rollbacks=[asdict(event) for event in callback.rollbacks], rebases=callback.rebases)
+        rollbacks=[asdict(event) for event in callback.rollbacks], rebases=callback.rebases,
+        training_episodes=episodes)
 
 
 # -- scoring and records -------------------------------------------------------------------------
@@ -305,6 +341,21 @@ def score_final_policy(model: BaseAlgorithm, spec: RunSpec) -> list[float]:
         return greedy_returns(model, env, spec.settings.final_episodes, final_episode_seed(spec.seed))
     finally:
         env.close()
+
+
+def git_provenance() -> dict[str, Any]:
+    """The git commit of the package's checkout and whether its tree differed from it (None outside git)."""
+    import subprocess
+
+    root = Path(rollback_rl.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": dirty}
 
 
 def versions() -> dict[str, str]:
@@ -345,7 +396,9 @@ def arm_record(spec: RunSpec, arm: str, outcome: TrainingOutcome, policy: BaseAl
                    "final_scoring": round(scoring_seconds, 4)},
         "rollbacks": outcome.rollbacks,
         "n_rebases": outcome.rebases,
+        "training_episodes": outcome.training_episodes,
         "versions": versions(),
+        "provenance": git_provenance(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads()},
         **extra,
@@ -399,3 +452,77 @@ def adam_equal_betas(spec: RunSpec) -> ArmRecords:
     policy_kwargs = params.setdefault("policy_kwargs", {})
     policy_kwargs["optimizer_kwargs"] = {**policy_kwargs.get("optimizer_kwargs", {}), "betas": (0.9, 0.9)}
     return {"adam_equal_betas": arm_record(spec, "adam_equal_betas", train_with_eval_callback(spec, DQN, params))}
+
+
+# -- recovery candidates (issue: recovery that sticks) and the hard control --------------------------
+
+def _candidate_records(spec: RunSpec, name: str, on_rollback: BaseCallback | None, **options: Any) -> ArmRecords:
+    """One rollback run giving two arms: ``name`` (final weights after the end-of-training check) and
+    ``name_no_end_check`` (the weights in place when training stopped, before that check)."""
+    params = hyperparameters(spec)
+    outcome, callback = _train_with_rollback(spec, params, on_rollback, check_at_end=False, **options)
+    before = arm_record(spec, f"{name}_no_end_check", outcome,
+                        policy_source="weights in place when learn() returned, before the end-of-training check")
+    callback.check_end_of_training()
+    callback.eval_env.close()
+    after = _rollback_outcome(outcome.model, params, callback, outcome.learn_seconds, outcome.training_episodes)
+    return {name: arm_record(spec, name, after, policy_source="weights after the end-of-training check"),
+            f"{name}_no_end_check": before}
+
+
+def _candidate(name: str, description: str) -> Callable[[RunFunction], RunFunction]:
+    return training_run(name, description, algorithm=RollbackDQN, arms={
+        name: description + "; final weights after the end-of-training check",
+        f"{name}_no_end_check": description + "; final weights before the end-of-training check"})
+
+
+@_candidate("recover_cool", "rollback, then Adam's state reset and the learning rate x0.1 for the rest of "
+                            "training (again at each rollback); no limit on restores")
+def recover_cool(spec: RunSpec) -> ArmRecords:
+    remedy = CallbackList([ResetOptimizer(), CoolLearningRate(0.1)])
+    return _candidate_records(spec, "recover_cool", remedy, max_restores=None)
+
+
+@_candidate("recover_drop", "rollback, then the replay buffer rewound to the snapshot (transitions since "
+                            "dropped); max_restores=2 as rollback 0.2")
+def recover_drop(spec: RunSpec) -> ArmRecords:
+    return _candidate_records(spec, "recover_drop", DropRecentTransitions())
+
+
+@_candidate("recover_target", "rollback, then the target network synced 10x less often (again at each "
+                              "rollback); max_restores=2 as rollback 0.2")
+def recover_target(spec: RunSpec) -> ArmRecords:
+    return _candidate_records(spec, "recover_target", SlowTargetUpdates(10))
+
+
+@_candidate("recover_cool_drop", "rollback, then Adam reset, learning rate x0.1 (again at each rollback) and "
+                                 "the replay buffer rewound to the snapshot; no limit on restores")
+def recover_cool_drop(spec: RunSpec) -> ArmRecords:
+    remedy = CallbackList([ResetOptimizer(), CoolLearningRate(0.1), DropRecentTransitions()])
+    return _candidate_records(spec, "recover_cool_drop", remedy, max_restores=None)
+
+
+class CoolOnSolve(BaseCallback):
+    """The hard control: as ``EvalCallback(callback_after_eval=...)``, multiply the learning rate by
+    ``factor`` once, at the first evaluation whose mean reaches ``threshold``; no rollback."""
+
+    def __init__(self, threshold: float, factor: float = 0.1) -> None:
+        super().__init__()
+        self.threshold, self.factor = threshold, factor
+        self.cooled_at: int | None = None
+
+    def _on_step(self) -> bool:
+        if self.cooled_at is None and self.parent.last_mean_reward >= self.threshold:
+            self.model.lr_schedule = ScaledSchedule(self.model.lr_schedule, self.factor)
+            self.cooled_at = self.num_timesteps
+        return True
+
+
+@training_run("control_cool_on_solve", "SB3 DQN, learning rate x0.1 from the first evaluation >= the env's "
+                                       "reward threshold on (475 on CartPole-v1), no rollback")
+def control_cool_on_solve(spec: RunSpec) -> ArmRecords:
+    threshold = gym.spec(spec.task).reward_threshold
+    cool = CoolOnSolve(float(threshold) if threshold is not None else float("inf"))
+    outcome = train_with_eval_callback(spec, DQN, hyperparameters(spec), after_eval=cool)
+    return {"control_cool_on_solve": arm_record(spec, "control_cool_on_solve", outcome,
+                                                cooled_at_timestep=cool.cooled_at)}

@@ -1,0 +1,155 @@
+"""Remedies run right after a rollback, so that the restored weights do not collapse again the same way.
+
+Restoring the weights alone puts the agent back where it was, with the dynamics that made it collapse
+still in place: the same learning rate, Adam's moment estimates, the replay buffer full of the collapsed
+policy's transitions, the same target-network schedule. Each callback here changes one of these; give
+one, or several in a ``CallbackList``, as ``RollbackCallback(callback_on_rollback=...)``. Each reads the
+rollback that just happened from its ``RollbackCallback`` (``self.parent.rollbacks[-1]``) and how many
+times that snapshot has now been restored, so a remedy can grow with repeated collapses.
+
+- :class:`ResetOptimizer`: zero Adam's moment estimates and step counts (Asadi et al. 2023; Dohare et al.
+  2023 trace policy collapse in deep RL to Adam's stale second-moment estimates).
+- :class:`CoolLearningRate`: multiply the learning rate by ``factor`` for the rest of training, again at
+  each rollback (large-model practice: go back to a checkpoint and continue with a lower rate).
+- :class:`DropRecentTransitions`: rewind the replay buffer to where it stood when the restored snapshot
+  was taken, so the collapsed policy's transitions are not replayed.
+- :class:`SlowTargetUpdates`: sync the target network ``factor`` times less often from now on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+
+from rollback_rl.callbacks.schedules import ScaledSchedule
+
+
+def _last_rollback(callback: BaseCallback) -> Any:
+    """The RollbackEvent that triggered ``callback`` (its parent is the RollbackCallback)."""
+    parent = callback.parent
+    rollbacks = getattr(parent, "rollbacks", None)
+    if not rollbacks:
+        raise RuntimeError(f"{type(callback).__name__} runs as RollbackCallback(callback_on_rollback=...)")
+    return rollbacks[-1]
+
+
+class ResetOptimizer(BaseCallback):
+    """Zero the moment estimates and step counts of every optimizer of the model (in place).
+
+    Adam's second-moment estimate decays slowly (beta2 = 0.999: about 1,000 steps); after a collapse it
+    still describes the gradients that caused it, so the restored weights take steps sized for another
+    regime. A reset makes the next steps start from a clean estimate (with Adam's bias correction).
+    """
+
+    def _on_step(self) -> bool:
+        reset = 0
+        for optimizer in _optimizers(self.model):
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if hasattr(value, "zero_"):
+                        value.zero_()
+                reset += 1
+        self.logger.record("rollback/optimizer_reset_tensors", reset)
+        if self.verbose >= 1:
+            print(f"Optimizer state reset ({reset} parameter tensors)")
+        return True
+
+
+def _optimizers(model: Any) -> list[Any]:
+    state_dicts, _ = model._get_torch_save_params()
+    optimizers = []
+    for name in state_dicts:
+        obj = model
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        if hasattr(obj, "param_groups"):
+            optimizers.append(obj)
+    return optimizers
+
+
+class CoolLearningRate(BaseCallback):
+    """Multiply the learning rate by ``factor`` for the rest of training, once more at every rollback.
+
+    Replaces ``model.lr_schedule`` (not the optimizer's rate, which SB3's ``_update_learning_rate``
+    overwrites before each training phase), so it holds whatever schedule was in place.
+
+    :param factor: multiplier per rollback, in (0, 1]
+    :param min_learning_rate: never cool below this learning rate
+    """
+
+    def __init__(self, factor: float = 0.1, min_learning_rate: float = 0.0, verbose: int = 0) -> None:
+        super().__init__(verbose=verbose)
+        if not 0 < factor <= 1:
+            raise ValueError(f"factor must be in (0, 1], got {factor!r}")
+        self.factor = factor
+        self.min_learning_rate = min_learning_rate
+
+    def _on_step(self) -> bool:
+        schedule = self.model.lr_schedule
+        current = schedule(self.model._current_progress_remaining)
+        factor = max(self.factor, self.min_learning_rate / current) if current > 0 else self.factor
+        self.model.lr_schedule = ScaledSchedule(schedule, factor)
+        self.logger.record("rollback/learning_rate", current * factor)
+        if self.verbose >= 1:
+            print(f"Learning rate cooled by {factor:.3g} to {current * factor:.3g}")
+        return True
+
+
+class DropRecentTransitions(BaseCallback):
+    """Rewind the replay buffer to where it stood when the restored snapshot was taken.
+
+    SB3's buffer is a ring with a write position: moving the position back makes the transitions
+    collected since the snapshot unreachable for sampling (they are overwritten by the next ones). This is
+    exact while the buffer has not wrapped around since the snapshot; once it has, the older transitions
+    those slots held are gone and nothing is dropped (counted in ``rollback/transitions_dropped`` as 0).
+    Off-policy algorithms only; with a rollout buffer (PPO, A2C) it does nothing: that buffer is
+    emptied at every update anyway.
+    """
+
+    def _on_step(self) -> bool:
+        buffer = getattr(self.model, "replay_buffer", None)
+        if not isinstance(buffer, ReplayBuffer):
+            return True
+        event = _last_rollback(self)
+        n_envs = self.model.n_envs
+        # In collect_rollouts the callback runs before the step's own transition is stored: at timestep t
+        # the buffer holds t / n_envs - 1 rows written since the start of training.
+        written_now = self.model.num_timesteps // n_envs - 1
+        written_then = event.restored_timestep // n_envs - 1
+        since = written_now - written_then
+        dropped = 0
+        if 0 < since < buffer.buffer_size and buffer.pos >= since:
+            # (wrapping between the snapshot and now would need buffer.pos < since: not exact, skip it)
+            buffer.pos -= since
+            dropped = since * n_envs
+        self.logger.record("rollback/transitions_dropped", dropped)
+        if self.verbose >= 1:
+            print(f"Replay buffer rewound by {dropped} transitions")
+        return True
+
+
+class SlowTargetUpdates(BaseCallback):
+    """Sync the target network ``factor`` times less often from now on (DQN-style algorithms), again at
+    every rollback, up to ``max_interval`` timesteps: the bootstrapped targets then move more slowly
+    away from the restored weights' values.
+
+    :param factor: multiplier of ``target_update_interval`` per rollback, >= 1
+    :param max_interval: never sync less often than every this many timesteps
+    """
+
+    def __init__(self, factor: int = 10, max_interval: int = 10_000, verbose: int = 0) -> None:
+        super().__init__(verbose=verbose)
+        if factor < 1:
+            raise ValueError(f"factor must be >= 1, got {factor!r}")
+        self.factor = factor
+        self.max_interval = max_interval
+
+    def _on_step(self) -> bool:
+        interval = getattr(self.model, "target_update_interval", None)
+        if interval is None:
+            return True
+        self.model.target_update_interval = min(interval * self.factor, self.max_interval)
+        self.logger.record("rollback/target_update_interval", self.model.target_update_interval)
+        return True
