@@ -22,6 +22,7 @@ from stable_baselines3 import DQN
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from rollback_rl.callbacks import RollbackCallback
+from rollback_rl.experiments.common import provenance
 from rollback_rl.hyperparams import ZOO_DQN
 
 
@@ -61,6 +62,7 @@ def main() -> None:
         "seed": args.seed, "scrambled_at": fault.scrambled_at,
         "scores": [{"timestep": s.timestep, "mean": s.mean} for s in rollback.scores],
         "rollbacks": [vars(e) for e in rollback.rollbacks], "rebases": rollback.rebases,
+        "provenance": provenance(vars(args)),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -32,15 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import stable_baselines3
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from rollback_rl import cli
+from rollback_rl.experiments.common import provenance, write_json
 from rollback_rl.hyperparams import to_jsonable
-from rollback_rl.resume import hold_run_lock
-from rollback_rl.run_logs import open_run_logger
-from rollback_rl.tensorboard_layout import add_rollback_layout
+from rollback_rl.training import DEFAULT_CHECKPOINT_FREQ, build_model, open_session, run_training
 
 OUT = Path(__file__).resolve().parent / "out" / "memory_long_run.json"
 
@@ -115,8 +112,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1_000_000, help="training timesteps (default: 1,000,000)")
     parser.add_argument("--sample-every", type=int, default=10_000, help="timesteps between samples (default: 10,000)")
     parser.add_argument("--eval-freq", type=int, default=10_000, help="timesteps between evaluations (default: 10,000)")
-    parser.add_argument("--checkpoint-freq", type=int, default=cli.DEFAULT_CHECKPOINT_FREQ,
-                        help=f"timesteps between checkpoints (default: {cli.DEFAULT_CHECKPOINT_FREQ:,})")
+    parser.add_argument("--checkpoint-freq", type=int, default=DEFAULT_CHECKPOINT_FREQ,
+                        help=f"timesteps between checkpoints (default: {DEFAULT_CHECKPOINT_FREQ:,})")
     parser.add_argument("--buffer-size", type=int, default=None, help="replay buffer size (default: the Zoo's 100,000)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one hyperparameter, as in 'rollback-rl train --set' (repeatable), e.g. "
@@ -138,18 +135,15 @@ def main() -> int:
         argv += ["--set", pair]
     args = cli.build_parser().parse_args(argv)
     args.argv = argv
-    plan = cli.plan_training(args)
-    model, eval_env = cli.build_model(plan, args.device, verbose=0)
-    plan.run_dir.mkdir(parents=True)
-    logger = open_run_logger(plan.run_dir, to_stdout=False)
-    add_rollback_layout(logger)
-    session = cli.TrainingSession(plan, model, eval_env, logger, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    plan = cli.plan_training(args)  # the command line's own checks and defaults
+    model, eval_env = build_model(plan.env_id, plan.algorithm, plan.hyperparameters, plan.seed, args.device)
     sampler = SampleMemory(options.sample_every)
     sampler.verbose = 1
     print(f"{'timestep':>9}  {'resident':>12}  replay buffer")
     started = time.perf_counter()
-    with hold_run_lock(plan.run_dir):
-        code = cli.run_training(session, args, extra_callbacks=[sampler])
+    with open_session(plan, model, eval_env) as session:
+        finished = run_training(session, extra_callbacks=[sampler])
+    code = cli.EXIT_INTERRUPTED if finished.interrupted else 0
     wall = time.perf_counter() - started
     sampler.samples.append({"timestep": int(model.num_timesteps), "rss_mib": round(resident_mib(), 2),
                             "buffer_full": bool(model.replay_buffer.full), "seconds": round(wall, 1)})
@@ -167,11 +161,9 @@ def main() -> int:
         "steps_per_s": round(options.steps / wall, 1),
         "memory": flatness(sampler.samples, options.tolerance_mib),
         "samples": sampler.samples,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "stable_baselines3": stable_baselines3.__version__},
+        "provenance": provenance({**vars(options), "command": argv}),
     }
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(options.out, result, indent=2)
     print(result["memory"]["verdict"])
     print(f"{options.steps:,} steps in {wall:.0f} s ({result['steps_per_s']:.0f} steps/s); wrote {options.out}")
     if not options.keep_run:

@@ -9,7 +9,8 @@ where RollbackCallback's bookkeeping would show.
 
     .venv/bin/python benchmarks/overhead_ab.py      # 4 blocks of 10,000-step runs, about 6 minutes
 
-Writes benchmarks/out/overhead_ab.json.
+Writes benchmarks/out/overhead_ab.json. RollbackDQN against SB3's DQN, in CPU time with turns at every
+``train()`` call: ``benchmarks/cpu_overhead.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from rollback_rl.experiments.common import provenance
 from snapshot_cost import one_run
 
 
@@ -48,7 +50,8 @@ def main() -> None:
               "same_final_weights": len({r["final_weights"] for r in runs}) == 1,
               "ratio_train_identical_work": ratio("gradient_s"), "ratio_other": ratio("other_s"),
               "ratio_outside_evaluation": ratio("train_s"),
-              "train_s_range_identical_work": [min(train_times), max(train_times)]}
+              "train_s_range_identical_work": [min(train_times), max(train_times)],
+              "provenance": provenance(vars(args))}
     print(f"rollback_never / EvalCallback: train() (identical work, the control) {result['ratio_train_identical_work']:.3f}, "
           f"other {result['ratio_other']:.3f}, all outside evaluation {result['ratio_outside_evaluation']:.3f}; "
           f"train() per run ranged {min(train_times):.1f}-{max(train_times):.1f} s; same final weights: "

@@ -1,10 +1,10 @@
-"""Print the README's results table from a compare report (benchmarks/results/report.json).
+"""Print the results table of docs/results.md from a compare report (benchmarks/results/report.json).
 
 The report itself comes from the per-run records (``rollback-rl compare --report-only``); this script
-only picks the columns the README shows, so the README table can be checked against the records:
+only picks the columns docs/results.md shows, so that table can be checked against the records:
 
     rollback-rl compare --report-only --tasks CartPole-v1,Acrobot-v1,MountainCar-v0,LunarLander-v3 \\
-        --arms vanilla,best_model,rollback,rollback_unlimited
+        --arms vanilla,best_model,rollback_v02,rollback_unlimited,rollback_lr_half
     .venv/bin/python benchmarks/readme_table.py
 """
 

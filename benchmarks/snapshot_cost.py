@@ -16,7 +16,8 @@ same trajectory.
     .venv/bin/python benchmarks/snapshot_cost.py            # both parts (about 10 minutes on 2 cores)
     .venv/bin/python benchmarks/snapshot_cost.py --quick    # part 1 only
 
-Writes benchmarks/out/snapshot_cost.json.
+Writes benchmarks/out/snapshot_cost.json. Wall time, runs one after another: for RollbackDQN's cost
+against DQN and the snapshot/copy ratios in CPU time, interleaved, see ``benchmarks/cpu_overhead.py``.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from stable_baselines3.common.monitor import Monitor
 
 from rollback_rl.agents import RollbackDQN
 from rollback_rl.callbacks import RollbackCallback, sb3_training_state
-from rollback_rl.detectors import CollapseDetector
-from rollback_rl.snapshots import SnapshotRing
+from rollback_rl.core.detectors import CollapseDetector
+from rollback_rl.core.snapshots import SnapshotRing
+from rollback_rl.experiments.common import provenance
 
 ZOO_CARTPOLE = dict(learning_rate=2.3e-3, batch_size=64, buffer_size=100_000, learning_starts=1_000, gamma=0.99,
                     target_update_interval=10, train_freq=256, gradient_steps=128, exploration_fraction=0.16,
@@ -194,7 +196,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     report = {"machine": {"cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "stable_baselines3": stable_baselines3.__version__, "gymnasium": gymnasium.__version__}}
+                          "stable_baselines3": stable_baselines3.__version__, "gymnasium": gymnasium.__version__},
+              "provenance": provenance(vars(args))}
     report["snapshot"] = costs = snapshot_costs(args.repeats)
     print(f"snapshot of the RL Zoo CartPole DQN ({costs['tensors_per_snapshot']} tensors, "
           f"{costs['snapshot_bytes'] / 1e6:.2f} MB; Q-network parameters {costs['q_network_parameter_bytes'] / 1e6:.2f} MB)")

@@ -3,7 +3,7 @@
 Compares, on the RL Zoo's CartPole-v1 DQN (MlpPolicy, net_arch [256, 256], batch 64, Adam lr 2.3e-3),
 every variant against a baseline gradient step without any logging, timed in the same run:
 
-- ``undo_log``: the chosen design, ``rollback_rl.undo.UndoLog`` (a full copy every
+- ``undo_log``: the chosen design, ``rollback_rl.core.undo.UndoLog`` (a full copy every
   ``anchor_interval`` operations, the minibatch and learning rate of every step, replay on undo);
 - ``full_copy``: a plain copy of the whole training state after every operation;
 - ``xor_zlib``: the state XORed against the previous one, compressed with zlib (level 1);
@@ -46,7 +46,9 @@ from stable_baselines3.common.logger import Logger
 
 from rollback_rl.agents import RollbackDQN
 from rollback_rl.hyperparams import ZOO_DQN
-from rollback_rl.undo import UndoLog
+from rollback_rl.core.undo import UndoLog
+from rollback_rl.sb3_state import sb3_training_state
+from rollback_rl.experiments.common import provenance
 
 ZOO_CARTPOLE = {k: v for k, v in ZOO_DQN["CartPole-v1"].items() if k not in ("n_timesteps", "policy")}
 BATCH = ZOO_CARTPOLE["batch_size"]
@@ -192,7 +194,7 @@ def timing_summary(clocks: dict[str, list[Clock]], baseline: str, steps: int, rn
 
 def bookkeeping_seconds(model: RollbackDQN, depth: int, anchor_interval: int, operations: int) -> float:
     """The undo log's own cost per operation: ``apply`` of a no-op with the real minibatch and state."""
-    log = UndoLog(RollbackDQN.training_state(model), max_depth=depth, max_bytes=2**40, anchor_interval=anchor_interval)
+    log = UndoLog(sb3_training_state(model), max_depth=depth, max_bytes=2**40, anchor_interval=anchor_interval)
     batches = [model.replay_buffer.sample(BATCH) for _ in range(operations)]
 
     def nothing(batch, learning_rate):
@@ -229,7 +231,7 @@ def main() -> None:
     state_bytes = sum(t.numel() * t.element_size() for t in live_tensors(models["baseline"]))
 
     # Each variant records its own model; rounds alternate between them in random order.
-    undo_log = UndoLog(RollbackDQN.training_state(models["undo_log"]), max_depth=args.depth,
+    undo_log = UndoLog(sb3_training_state(models["undo_log"]), max_depth=args.depth,
                        max_bytes=2**40, anchor_interval=args.anchor_interval)
     full_copy = FullCopyPerStep(models["full_copy"], min(args.depth, 64))  # depth slots would take GBs
     xor = XorZlibLog(models["xor_zlib"], args.depth, shuffle=False)
@@ -340,6 +342,7 @@ def main() -> None:
         "restore_one_anchor_cpu_seconds": restore_seconds,
         "train_call": train_results,
         "weight_check_cpu_seconds_per_gradient_step": weight_check_seconds,
+        "provenance": provenance(vars(args)),
     }, indent=2))
     print(f"\nwrote {args.out}")
 

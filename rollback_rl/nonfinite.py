@@ -6,7 +6,9 @@ stops both at the source, inside the ``Monitor`` wrapper (so episode returns sta
 whose observation or reward is not finite **ends the episode** (``truncated=True``), reporting the last
 finite observation and a reward of 0 instead. Truncated rather than terminated, because the
 environment misbehaving says nothing about the value of the state (a terminal state would teach the
-agent that it is worth nothing). A reset that gives a non-finite observation is retried.
+agent that it is worth nothing). A reset that gives a non-finite observation is retried, up to
+``MAX_RESET_TRIES`` times in a row; then :class:`NonFiniteResetError` says the env cannot be trained on
+(``rollback-rl train`` stops there, with the run so far saved).
 
 :class:`LogNonFiniteCounts` writes the guard's running counts to the SB3 logger as
 ``rollback/nonfinite_observations`` and ``rollback/nonfinite_rewards`` (summed over envs).
@@ -21,7 +23,13 @@ import gymnasium as gym
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
+from rollback_rl.tensorboard_layout import NONFINITE_OBSERVATIONS_TAG, NONFINITE_REWARDS_TAG
+
 MAX_RESET_TRIES = 10
+
+
+class NonFiniteResetError(RuntimeError):
+    """An env gave a non-finite observation at ``MAX_RESET_TRIES`` resets in a row: it cannot be trained on."""
 
 
 def is_finite(observation: Any) -> bool:
@@ -58,7 +66,8 @@ class NonFiniteGuard(gym.Wrapper):
         while not is_finite(observation):
             self.nonfinite_observations += 1
             if tries == MAX_RESET_TRIES:
-                raise RuntimeError(f"{self.env}: reset gave a non-finite observation {MAX_RESET_TRIES} times in a row")
+                raise NonFiniteResetError(f"{self.env}: reset gave a non-finite observation {MAX_RESET_TRIES} "
+                                          "times in a row")
             observation, info = self.env.reset(options=options)
             tries += 1
         self._last_observation = observation
@@ -90,8 +99,8 @@ class LogNonFiniteCounts(BaseCallback):
         env = self.model.get_env()
         if env is None or not env.has_attr("nonfinite_observations"):
             return
-        self.logger.record("rollback/nonfinite_observations", sum(env.get_attr("nonfinite_observations")))
-        self.logger.record("rollback/nonfinite_rewards", sum(env.get_attr("nonfinite_rewards")))
+        self.logger.record(NONFINITE_OBSERVATIONS_TAG, sum(env.get_attr("nonfinite_observations")))
+        self.logger.record(NONFINITE_REWARDS_TAG, sum(env.get_attr("nonfinite_rewards")))
 
     def _on_step(self) -> bool:
         return True

@@ -7,6 +7,10 @@ goes up (and ``rollback/end_restore_score`` for a snapshot put back when trainin
 collapsed score crossed and the restored weights' check (``rollback/verify_score``)
 circled. ``rollback-rl train`` and ``rollback-rl plot`` both draw through :func:`plot_run`, so
 re-drawing a finished run gives the same picture.
+
+A run folder is data: an events file that is a symbolic link or not a regular file is refused, never
+read, and the PNG is written to a fresh file renamed over the target (a link planted at
+``learning_curve.png`` is replaced, not written through).
 """
 
 from __future__ import annotations
@@ -17,11 +21,18 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing import event_accumulator
 
-from rollback_rl.tensorboard_layout import BEST_TAG, END_RESTORE_TAG, EVAL_TAG, ROLLBACKS_TAG, TRAINING_RETURN_TAG
+from rollback_rl.persistence.safe_io import atomic_write
+from rollback_rl.tensorboard_layout import (
+    BEST_TAG,
+    END_RESTORE_TAG,
+    EVAL_TAG,
+    REBASES_TAG,
+    ROLLBACKS_TAG,
+    TRAINING_RETURN_TAG,
+    VERIFY_TAG,
+)
 
 PLOT_FILENAME = "learning_curve.png"
-REBASES_TAG = "rollback/n_rebases"
-VERIFY_TAG = "rollback/verify_score"  # the restored weights, evaluated right after a rollback
 
 Series = list[tuple[int, float]]  # (timestep, value)
 
@@ -46,9 +57,13 @@ def read_scalars(run_dir: str | Path) -> dict[str, Series]:
     """Every scalar series in the event files directly inside ``run_dir``, by tag.
 
     :raises FileNotFoundError: if ``run_dir`` holds no TensorBoard event file
+    :raises ValueError: if one is a symbolic link or not a regular file (``/dev/zero`` would never end)
     """
     if not has_event_files(run_dir):
         raise FileNotFoundError(f"no TensorBoard event file (events.out.tfevents.*) in {run_dir}")
+    for path in Path(run_dir).glob("events.out.tfevents.*"):
+        if path.is_symlink() or not path.is_file():
+            raise ValueError(f"{path}: a symbolic link or not a regular file; refusing to read it")
     accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={event_accumulator.SCALARS: 0})
     accumulator.Reload()
     return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
@@ -86,7 +101,10 @@ def read_curves(run_dir: str | Path) -> RunCurves:
 
 
 def draw_curves(curves: RunCurves, output: str | Path, title: str = "") -> Path:
-    """Write the learning-curve PNG of ``curves`` to ``output``."""
+    """Write the learning-curve PNG of ``curves`` to exactly ``output`` (no suffix added), atomically.
+
+    :raises OSError: if it cannot be written (``output`` is then left as it was)
+    """
     figure = Figure(figsize=(9, 5), layout="constrained")
     axes = figure.add_subplot()
     if curves.training_return:
@@ -115,16 +133,23 @@ def draw_curves(curves: RunCurves, output: str | Path, title: str = "") -> Path:
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
     output = Path(output)
-    figure.savefig(output, dpi=110)
+    with atomic_write(output) as file:
+        figure.savefig(file, format="png", dpi=110)
     return output
 
 
 def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Draw the learning curve of the run in ``run_dir`` to ``output`` (default: ``run_dir/learning_curve.png``).
+    """Draw the learning curve of the run in ``run_dir`` to ``output`` (default: ``run_dir/learning_curve.png``;
+    a folder: ``learning_curve.png`` in it) and return the path written.
 
     :raises FileNotFoundError: if there is no event file
-    :raises ValueError: if the event files hold no evaluation
+    :raises ValueError: if the event files hold no evaluation, or one is refused
+    :raises OSError: if the PNG cannot be written
     """
     run_dir = Path(run_dir)
+    if output is None:
+        output = run_dir / PLOT_FILENAME  # replaced if it is a link: never followed
+    elif Path(output).is_dir():
+        output = Path(output) / PLOT_FILENAME
     curves = read_curves(run_dir)
-    return draw_curves(curves, output if output is not None else run_dir / PLOT_FILENAME, title=run_dir.resolve().name)
+    return draw_curves(curves, output, title=run_dir.resolve().name)

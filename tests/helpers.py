@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import torch
 from stable_baselines3 import DQN
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
 from rollback_rl.callbacks import sb3_training_state
-from rollback_rl.detectors import CollapseDetector, Score
+from rollback_rl.core.detectors import CollapseDetector, Score
 
 # Push right when this dot product with (x, x_dot, theta, theta_dot) is positive.
 CARTPOLE_BALANCER = (0.0, 0.0, 1.0, 0.2)  # 500 on every seed tried
@@ -47,12 +48,25 @@ def copy_training_state(model: BaseAlgorithm) -> dict[str, Any]:
     return copied
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
 def assert_states_equal(expected: Any, actual: Any, path: str = "state") -> None:
-    """Bitwise equality of nested state dicts (tensors compared with torch.equal)."""
+    """Bitwise equality of nested states: the one exact comparison of the tests.
+
+    Tensors and numpy arrays must have the same dtype and shape and the same bytes (so NaN equals NaN
+    and -0.0 differs from 0.0); dicts the same keys, lists and tuples the same length, compared item by
+    item; anything else compares with ``==``. The message names the first difference by its path.
+    """
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor), f"{path}: expected a tensor"
         assert expected.dtype == actual.dtype and expected.shape == actual.shape, f"{path}: dtype/shape differ"
-        assert torch.equal(expected, actual), f"{path}: values differ"
+        assert torch.equal(_tensor_bytes(expected), _tensor_bytes(actual)), f"{path}: values differ"
+    elif isinstance(expected, np.ndarray):
+        assert isinstance(actual, np.ndarray), f"{path}: expected an array"
+        assert expected.dtype == actual.dtype and expected.shape == actual.shape, f"{path}: dtype/shape differ"
+        assert expected.tobytes() == actual.tobytes(), f"{path}: values differ"
     elif isinstance(expected, dict):
         assert set(expected) == set(actual), f"{path}: keys differ: {set(expected) ^ set(actual)}"
         for key in expected:

@@ -2,17 +2,18 @@
 
 Every change DQN makes to its networks goes through :meth:`RollbackDQN._gradient_step` (SB3's DQN
 loss, gradient clipping and optimizer step, for one minibatch) or :meth:`RollbackDQN._sync_target`
-(SB3's target-network update). Both run through an :class:`~rollback_rl.undo.UndoLog`, which records
+(SB3's target-network update). Both run through an :class:`~rollback_rl.core.undo.UndoLog`, which records
 their inputs and can therefore replay them after restoring an older full copy: ``undo(n)`` and
-``undo_to(mark)`` are exact. A step whose loss or gradient is not finite is skipped; one that leaves
-non-finite weights is undone at once.
+``undo_to(mark)`` are exact. A step whose loss is not finite is skipped; one that leaves non-finite
+weights is undone, so training never goes on from NaN or infinite weights.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,9 @@ from stable_baselines3.common.type_aliases import TensorDict
 from stable_baselines3.common.utils import polyak_update, update_learning_rate
 from torch.nn import functional as F
 
-from rollback_rl.callbacks.rollback import sb3_training_state
-from rollback_rl.snapshots import Snapshot, SnapshotRing, TrainingState
-from rollback_rl.undo import UndoLog, UndoMark
+from rollback_rl.sb3_state import sb3_training_state
+from rollback_rl.core.snapshots import Snapshot, SnapshotRing, TrainingState
+from rollback_rl.core.undo import UndoLog, UndoMark, UndoUnavailableError
 
 
 class _AgentSnapshotRing(SnapshotRing):
@@ -56,10 +57,13 @@ class RollbackDQN(DQN):
       since the mark, e.g. a whole ``learn()`` call.
     - ``snapshot(score)`` keeps the current weights in ``rollback_snapshots``; ``rollback()`` restores
       the newest. ``RollbackCallback`` uses this ring when it trains a RollbackDQN.
-    - A gradient step whose loss or gradient norm is NaN or infinite is skipped, one that leaves NaN or
-      infinite weights is undone; both are counted in ``nonfinite_steps`` (logged as
-      ``rollback/nonfinite_steps``). ``max_nonfinite_streak`` of them in a row trigger ``rollback()``
-      if a snapshot exists.
+    - A gradient step whose loss is NaN or infinite is skipped, one that leaves NaN or infinite weights
+      (a non-finite gradient or learning rate) is undone; both are counted in ``nonfinite_steps``
+      (logged as ``rollback/nonfinite_steps``). ``max_nonfinite_streak`` of them in a row trigger
+      ``rollback()`` if a snapshot exists. While the undo log can take a whole ``train()`` call back,
+      the weights are checked once at its end (a NaN or infinite weight stays so through later steps);
+      if they are not finite, the call is undone exactly and redone with a check after every step, so
+      the result is the same as checking every step, at a fraction of the cost.
 
     The undo log and the snapshots live in memory only: ``save()`` leaves them out and ``load()``
     starts with empty ones. Change the networks only through this class (``rollback``,
@@ -113,7 +117,8 @@ class RollbackDQN(DQN):
 
     def _gradient_step(self, batch: ReplayBufferSamples, learning_rate: float) -> tuple[float, bool]:
         """One DQN update on ``batch``, exactly as SB3's ``DQN.train`` does it; skipped (the state left
-        untouched) if the loss or the gradient norm is not finite.
+        untouched) if the loss is not finite. A non-finite gradient norm makes the clipped gradient, and
+        so the weights, non-finite: the caller's weight check catches it.
 
         :return: the loss, and whether the optimizer stepped
         """
@@ -131,9 +136,7 @@ class RollbackDQN(DQN):
             return loss_value, False
         self.policy.optimizer.zero_grad()
         loss.backward()
-        gradient_norm = th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-        if not math.isfinite(gradient_norm.item()):
-            return loss_value, False
+        th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
         self.policy.optimizer.step()
         return loss_value, True
 
@@ -161,12 +164,9 @@ class RollbackDQN(DQN):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         learning_rate = self.lr_schedule(self._current_progress_remaining)
-        losses = []
-        for _ in range(gradient_steps):
-            batch = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
-            loss = self._guarded_gradient_step(batch, learning_rate)
-            if loss is not None:
-                losses.append(loss)
+        batches = (self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+                   for _ in range(gradient_steps))
+        losses = self._run_gradient_steps(batches, gradient_steps, learning_rate)
         self._n_updates += gradient_steps
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         if losses:
@@ -174,16 +174,76 @@ class RollbackDQN(DQN):
         self.logger.record("rollback/nonfinite_steps", self.nonfinite_steps)
         self.logger.record("rollback/nonfinite_rollbacks", self.nonfinite_rollbacks)
 
-    def _guarded_gradient_step(self, batch: ReplayBufferSamples, learning_rate: float) -> float | None:
-        """One gradient step that never leaves non-finite weights; returns its loss, or None if undone."""
+    def _run_gradient_steps(self, batches: Iterator[ReplayBufferSamples], n_steps: int,
+                            learning_rate: float) -> list[float]:
+        """The gradient steps of one ``train()`` call, none of them left with non-finite weights.
+
+        :return: the losses of the steps kept
+        """
+        losses: list[float] = []
+        first = next(batches, None)
+        if first is None:
+            return losses
+        to_check: Iterator[ReplayBufferSamples] = itertools.chain([first], batches)
+        if self.undo_log is not None:
+            mark = self.undo_log.mark()
+            if self.undo_log.keeps_current_state_over(n_steps, (first, learning_rate)):
+                to_check = self._run_checking_once(mark, to_check, learning_rate, losses)
+        for batch in to_check:
+            loss = self._checked_gradient_step(batch, learning_rate)
+            if loss is not None:
+                losses.append(loss)
+        return losses
+
+    def _run_checking_once(self, mark: UndoMark, batches: Iterator[ReplayBufferSamples], learning_rate: float,
+                           losses: list[float]) -> Iterator[ReplayBufferSamples]:
+        """Run gradient steps unchecked until one is skipped (non-finite loss) or the batches run out, then
+        check the weights once; return the batches still to run with a check after every step.
+
+        Checking after every step costs a few percent of the step; one check covers them all because a
+        NaN or infinite weight stays so through later optimizer steps. If it fails, the undo log goes
+        back to ``mark`` and the returned batches include these steps again: redone with a check after
+        each, they give exactly what checking all along would have given.
+        """
+        log = self._require_undo_log()
+        unchecked, skipped = [], None
+        for batch in batches:
+            loss, stepped = log.apply(self._gradient_step, batch, learning_rate)
+            if not stepped:
+                log.forget_last()  # nothing changed: spend no undo depth on it
+                skipped = batch
+                break
+            unchecked.append(batch)
+            losses.append(loss)
+        if unchecked and not self._weights_finite():
+            losses.clear()
+            try:
+                log.undo_to(mark)
+            except UndoUnavailableError:  # only if the state outgrew the log's estimate: no step to blame
+                self._restore_last_good_or_warn()
+                self._count_nonfinite_step()
+                unchecked = []
+            return itertools.chain(unchecked, [skipped] if skipped is not None else [], batches)
+        if unchecked:
+            self._nonfinite_streak = 0
+        if skipped is not None:
+            self._count_nonfinite_step()
+        return batches
+
+    def _checked_gradient_step(self, batch: ReplayBufferSamples, learning_rate: float) -> float | None:
+        """One gradient step that never leaves non-finite weights; returns its loss, or None if skipped or undone."""
         loss, stepped = self._apply(self._gradient_step, batch, learning_rate)
-        if not stepped and self.undo_log is not None:
-            self.undo_log.forget_last()  # nothing changed: spend no undo depth on it
         if stepped and self._weights_finite():
             self._nonfinite_streak = 0
             return loss
         if stepped:
             self._undo_nonfinite_step()
+        elif self.undo_log is not None:
+            self.undo_log.forget_last()  # nothing changed: spend no undo depth on it
+        self._count_nonfinite_step()
+        return None
+
+    def _count_nonfinite_step(self) -> None:
         self.nonfinite_steps += 1
         self._nonfinite_streak += 1
         if self._nonfinite_streak >= self.max_nonfinite_streak and self.rollback_snapshots.last_good is not None:
@@ -193,7 +253,6 @@ class RollbackDQN(DQN):
             if self.verbose >= 1:
                 print(f"RollbackDQN: {self.max_nonfinite_streak} non-finite gradient steps in a row, "
                       f"restored the snapshot of timestep {snapshot.timestep}")
-        return None
 
     def _weights_finite(self) -> bool:
         # One fused norm over all Q-network tensors: NaN or inf anywhere makes it non-finite.
@@ -202,11 +261,16 @@ class RollbackDQN(DQN):
     def _undo_nonfinite_step(self) -> None:
         if self.undo_log is not None and self.undo_log.depth >= 1:
             self.undo(1)
-        elif self.rollback_snapshots.last_good is not None:
+        else:
+            self._restore_last_good_or_warn()
+
+    def _restore_last_good_or_warn(self) -> None:
+        if self.rollback_snapshots.last_good is not None:
             self.rollback()
         else:
             warnings.warn("RollbackDQN: a gradient step left non-finite weights and neither the undo log "
-                          "(undo_depth=0) nor a snapshot can bring back finite ones", RuntimeWarning, stacklevel=3)
+                          "(undo_depth=0, or a memory budget too small for one step) nor a snapshot can bring "
+                          "back finite ones", RuntimeWarning, stacklevel=3)
 
     # -- undo ----------------------------------------------------------------------------------------
 

@@ -21,9 +21,17 @@ from __future__ import annotations
 from typing import Any
 
 from stable_baselines3.common.buffers import ReplayBuffer
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
+from rollback_rl.buffers import FifoReplayBuffer
 from rollback_rl.callbacks.schedules import ScaledSchedule
+from rollback_rl.tensorboard_layout import (
+    LEARNING_RATE_TAG,
+    OPTIMIZER_RESET_TAG,
+    TARGET_UPDATE_INTERVAL_TAG,
+    TRANSITIONS_DROPPED_TAG,
+)
+from rollback_rl.validation import integer_at_least
 
 
 def _last_rollback(callback: BaseCallback) -> Any:
@@ -51,7 +59,7 @@ class ResetOptimizer(BaseCallback):
                     if hasattr(value, "zero_"):
                         value.zero_()
                 reset += 1
-        self.logger.record("rollback/optimizer_reset_tensors", reset)
+        self.logger.record(OPTIMIZER_RESET_TAG, reset)
         if self.verbose >= 1:
             print(f"Optimizer state reset ({reset} parameter tensors)")
         return True
@@ -91,7 +99,7 @@ class CoolLearningRate(BaseCallback):
         current = schedule(self.model._current_progress_remaining)
         factor = max(self.factor, self.min_learning_rate / current) if current > 0 else self.factor
         self.model.lr_schedule = ScaledSchedule(schedule, factor)
-        self.logger.record("rollback/learning_rate", current * factor)
+        self.logger.record(LEARNING_RATE_TAG, current * factor)
         if self.verbose >= 1:
             print(f"Learning rate cooled by {factor:.3g} to {current * factor:.3g}")
         return True
@@ -105,12 +113,14 @@ class DropRecentTransitions(BaseCallback):
     exact while the buffer has not wrapped around since the snapshot; once it has, the older transitions
     those slots held are gone and nothing is dropped (counted in ``rollback/transitions_dropped`` as 0).
     Off-policy algorithms only; with a rollout buffer (PPO, A2C) it does nothing: that buffer is
-    emptied at every update anyway.
+    emptied at every update anyway. Only first-in-first-out buffers (SB3's ``ReplayBuffer`` and
+    ``rollback_rl.buffers.FifoReplayBuffer``): in a reservoir buffer the newest transitions are not the rows
+    just before the write position, so nothing is dropped there.
     """
 
     def _on_step(self) -> bool:
         buffer = getattr(self.model, "replay_buffer", None)
-        if not isinstance(buffer, ReplayBuffer):
+        if type(buffer) not in (ReplayBuffer, FifoReplayBuffer):
             return True
         event = _last_rollback(self)
         n_envs = self.model.n_envs
@@ -124,7 +134,7 @@ class DropRecentTransitions(BaseCallback):
             # (wrapping between the snapshot and now would need buffer.pos < since: not exact, skip it)
             buffer.pos -= since
             dropped = since * n_envs
-        self.logger.record("rollback/transitions_dropped", dropped)
+        self.logger.record(TRANSITIONS_DROPPED_TAG, dropped)
         if self.verbose >= 1:
             print(f"Replay buffer rewound by {dropped} transitions")
         return True
@@ -141,15 +151,20 @@ class SlowTargetUpdates(BaseCallback):
 
     def __init__(self, factor: int = 10, max_interval: int = 10_000, verbose: int = 0) -> None:
         super().__init__(verbose=verbose)
-        if factor < 1:
-            raise ValueError(f"factor must be >= 1, got {factor!r}")
-        self.factor = factor
-        self.max_interval = max_interval
+        self.factor = integer_at_least(1, factor, "factor")
+        self.max_interval = integer_at_least(1, max_interval, "max_interval")
 
     def _on_step(self) -> bool:
         interval = getattr(self.model, "target_update_interval", None)
         if interval is None:
             return True
         self.model.target_update_interval = min(interval * self.factor, self.max_interval)
-        self.logger.record("rollback/target_update_interval", self.model.target_update_interval)
+        self.logger.record(TARGET_UPDATE_INTERVAL_TAG, self.model.target_update_interval)
         return True
+
+
+def default_recovery() -> CallbackList:
+    """What ``RollbackCallback`` runs after each restore unless told otherwise: ``ResetOptimizer()`` then
+    ``CoolLearningRate(0.1)``. Chosen on tuning seeds 0-4 of CartPole-v1 among the remedies above
+    (docs/protocol.md, "Pre-registered experiments"; records in benchmarks/results/recovery_tuning/)."""
+    return CallbackList([ResetOptimizer(), CoolLearningRate(0.1)])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import Schedule
 
+from rollback_rl.tensorboard_layout import LEARNING_RATE_TAG
+
 
 class ScaledSchedule:
     """A learning-rate schedule multiplied by a constant (picklable, so ``model.save()`` keeps working).
@@ -24,9 +26,10 @@ class ScaledSchedule:
 class ScaleLearningRate(BaseCallback):
     """Multiply the model's learning rate by ``factor`` each time it runs, for the rest of training.
 
-    Use as ``RollbackCallback(callback_on_rollback=ScaleLearningRate(0.5))``: after each rollback the
-    restored weights move away from the good point more slowly, which makes a repeat of the same
-    collapse less likely (like Keras' ``ReduceLROnPlateau``, triggered by collapses instead of plateaus).
+    Use as ``RollbackCallback(callback_on_rollback=ScaleLearningRate(0.5))``: after each rollback, training
+    goes on from the restored weights with the learning rate multiplied by ``factor`` (like Keras'
+    ``ReduceLROnPlateau``, triggered by collapses instead of plateaus). ``rollback-rl compare --arms
+    rollback,rollback_lr_half`` measures what it changes.
 
     :param factor: multiplier per call, in (0, 1] to slow learning
     :param min_learning_rate: never go below this learning rate
@@ -44,7 +47,7 @@ class ScaleLearningRate(BaseCallback):
         current = schedule(self.model._current_progress_remaining)
         factor = max(self.factor, self.min_learning_rate / current) if current > 0 else self.factor
         self.model.lr_schedule = ScaledSchedule(schedule, factor)
-        self.logger.record("rollback/learning_rate", current * factor)
+        self.logger.record(LEARNING_RATE_TAG, current * factor)
         if self.verbose >= 1:
             print(f"Learning rate scaled by {factor:.3g} to {current * factor:.3g}")
         return True

@@ -8,8 +8,9 @@ from stable_baselines3.common.logger import configure
 from tensorboard.backend.event_processing import event_accumulator
 
 import rollback_rl.envs  # noqa: F401 - registers SwitchingCartPole
-from rollback_rl.callbacks import ReplayBufferDiagnostics
-from rollback_rl.callbacks.diagnostics import buffer_failures
+from rollback_rl.buffers import FifoReplayBuffer, HalfReservoirReplayBuffer, ReservoirReplayBuffer
+from rollback_rl.callbacks import BufferRecord, ReplayBufferDiagnostics
+from rollback_rl.callbacks.diagnostics import buffer_failures, summarize_buffer_records
 
 torch.set_num_threads(1)
 
@@ -17,14 +18,15 @@ TINY = dict(policy_kwargs=dict(net_arch=[8]), learning_starts=100, train_freq=20
             buffer_size=1_000, target_update_interval=50)
 
 
-def hand_built_buffer(outcomes: list[str], size: int = 10, n_envs: int = 1) -> ReplayBuffer:
+def hand_built_buffer(outcomes: list[str], size: int = 10, n_envs: int = 1,
+                      buffer_class: type[ReplayBuffer] = ReplayBuffer, **kwargs) -> ReplayBuffer:
     """A buffer holding one transition per entry of ``outcomes``: "step", "failure" (terminated) or
-    "timeout" (truncated by the time limit)."""
+    "timeout" (truncated by the time limit). The observation is the transition's position in ``outcomes``."""
     env = gym.make("CartPole-v1")
-    buffer = ReplayBuffer(size, env.observation_space, env.action_space, n_envs=n_envs,
-                          handle_timeout_termination=True)
-    obs = np.zeros((n_envs, 4), dtype=np.float32)
-    for outcome in outcomes:
+    buffer = buffer_class(size, env.observation_space, env.action_space, n_envs=n_envs,
+                          handle_timeout_termination=True, **kwargs)
+    for index, outcome in enumerate(outcomes):
+        obs = np.full((n_envs, 4), index, dtype=np.float32)
         done = np.full(n_envs, outcome != "step")
         infos = [{"TimeLimit.truncated": outcome == "timeout"} for _ in range(n_envs)]
         buffer.add(obs, obs, np.zeros((n_envs, 1)), np.ones(n_envs), done, infos)
@@ -75,6 +77,64 @@ def test_sample_ages_count_timesteps_of_every_env():
     diagnostics = diagnostics_on(buffer)
     buffer._get_samples(np.array([0, 4]))
     assert diagnostics.record_buffer().mean_sample_age == pytest.approx((8 + 0) / 2)
+
+
+@pytest.mark.parametrize("buffer_class", [ReservoirReplayBuffer, HalfReservoirReplayBuffer])
+def test_failure_share_of_a_buffer_that_keeps_old_transitions_counts_what_it_holds(buffer_class):
+    outcomes = (["step"] * 4 + ["failure"] + ["step"] * 2 + ["timeout"]) * 25  # 200 transitions
+    buffer = hand_built_buffer(outcomes, size=20, buffer_class=buffer_class, seed=0)
+    held = [outcomes[int(index)] for index in buffer.observations[:, 0, 0]]
+    assert buffer_failures(buffer) == (20, held.count("failure"))
+
+
+@pytest.mark.parametrize("buffer_class", [ReservoirReplayBuffer, HalfReservoirReplayBuffer])
+def test_sample_ages_of_a_buffer_that_keeps_old_transitions_come_from_when_each_row_was_written(buffer_class):
+    buffer = hand_built_buffer(["step"] * 50, size=10, buffer_class=buffer_class, seed=1)
+    diagnostics = diagnostics_on(buffer, timestep=50)
+    written_at = buffer.observations[:, 0, 0].astype(int) + 1  # the k-th transition is timestep k
+    rows = np.array([0, 3, 7, 9, 3])
+    buffer._get_samples(rows)
+    assert diagnostics.record_buffer().mean_sample_age == pytest.approx(np.mean(50 - written_at[rows]))
+    fifo_arithmetic = (buffer.pos - 1 - rows) % 10
+    assert not np.array_equal(fifo_arithmetic, 50 - written_at[rows])  # what the old measure would say
+
+
+def test_sample_ages_of_a_fifo_that_records_them_equal_sb3s_derived_ones():
+    outcomes = ["step"] * 13
+    derived = diagnostics_on(hand_built_buffer(outcomes), timestep=13)
+    recorded = diagnostics_on(hand_built_buffer(outcomes, buffer_class=FifoReplayBuffer), timestep=13)
+    for diagnostics in (derived, recorded):
+        diagnostics.model.replay_buffer._get_samples(np.array([2, 3, 9, 2]))
+    assert recorded.record_buffer().mean_sample_age == derived.record_buffer().mean_sample_age == (0 + 9 + 3 + 0) / 4
+
+
+def test_the_run_summary_weights_ages_by_samples_and_averages_the_failure_share():
+    records = [BufferRecord(100, 0, 0, 0, 0, float("nan")),  # empty buffer, nothing drawn: left out
+               BufferRecord(200, 100, 10, 40, 4, 30.0),
+               BufferRecord(300, 200, 10, 10, 2, 80.0)]
+    summary = summarize_buffer_records(records)
+    assert (summary.records, summary.sampled) == (3, 50)
+    assert summary.mean_sample_age == pytest.approx((40 * 30 + 10 * 80) / 50)
+    assert summary.failure_share == pytest.approx((0.1 + 0.05) / 2)
+    assert summary.sampled_failure_share == pytest.approx(6 / 50)
+    later = summarize_buffer_records(records, start_timestep=300)
+    assert (later.records, later.mean_sample_age, later.failure_share) == (1, 80.0, 0.05)
+    assert np.isnan(summarize_buffer_records([]).mean_sample_age)
+
+
+def test_during_training_a_reservoir_buffer_samples_older_transitions_than_a_fifo_of_its_size():
+    summaries = {}
+    for buffer_class in (FifoReplayBuffer, ReservoirReplayBuffer):
+        model = DQN("MlpPolicy", "CartPole-v1", seed=0, learning_rate=1e-3, replay_buffer_class=buffer_class,
+                    **{**TINY, "buffer_size": 100})
+        model.set_logger(configure(None, [""]))
+        diagnostics = ReplayBufferDiagnostics(log_freq=200)
+        model.learn(800, callback=diagnostics)
+        summaries[buffer_class] = diagnostics.summary(start_timestep=400)
+    fifo, reservoir = summaries[FifoReplayBuffer], summaries[ReservoirReplayBuffer]
+    assert fifo.sampled == reservoir.sampled > 0
+    assert 40 < fifo.mean_sample_age < 60  # uniform over the last 100 timesteps: 49.5 on average
+    assert reservoir.mean_sample_age > 2 * fifo.mean_sample_age
 
 
 def test_during_training_it_records_every_sample_drawn_and_scores_each_task(tmp_path):

@@ -16,10 +16,10 @@ import pytest
 import torch
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 
-from rollback_rl.checkpoints import CheckpointStore
-from rollback_rl.cli import main
+from rollback_rl.persistence.checkpoints import CheckpointStore
+from rollback_rl.cli import build_parser, main, plan_training
 from rollback_rl.hyperparams import parse_python_literal
-from rollback_rl.safe_io import load_tensors
+from rollback_rl.persistence.safe_io import load_tensors
 
 torch.set_num_threads(1)
 
@@ -234,6 +234,36 @@ def test_nonfinite_observations_and_rewards_end_the_episode_and_never_reach_trai
                 assert np.isfinite(buffer[name]).all(), name
 
 
+class NaNAfterThreeResetsCartPole(CartPoleEnv):
+    """CartPole whose resets, after the first three, give a NaN observation every time."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.resets = 0
+
+    def reset(self, *, seed=None, options=None):
+        observation, info = super().reset(seed=seed, options=options)
+        self.resets += 1
+        return (np.full_like(observation, np.nan) if self.resets > 3 else observation), info
+
+
+gym.register("tests/NaNAfterThreeResets-v0", entry_point=NaNAfterThreeResetsCartPole, max_episode_steps=500)
+
+
+def test_an_env_whose_resets_keep_giving_nan_stops_training_with_one_line_and_the_model_saved(tmp_path, capsys):
+    hyperparams = tmp_path / "tiny.yml"
+    hyperparams.write_text(TINY_YAML.replace("CartPole-v1", "tests/NaNAfterThreeResets-v0"))
+    code = main(["train", "tests/NaNAfterThreeResets-v0", "--hyperparams", str(hyperparams), "--logdir", str(tmp_path),
+                 "--run-name", "nan", *TINY_RUN])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("rollback-rl: error: training stopped at timestep ")
+    assert "non-finite observation 10 times in a row" in err and "the model so far is saved" in err
+    info = json.loads((tmp_path / "nan" / "run.json").read_text())
+    assert info["interrupted"] and "non-finite" in info["stop_reason"] and 0 < info["timesteps_done"] < 600
+    assert load_tensors(tmp_path / "nan" / "model.safetensors")[1]["num_timesteps"] == info["timesteps_done"]
+
+
 def test_plot_redraws_the_same_png(tiny_run, capsys):
     png = tiny_run / "learning_curve.png"
     drawn_by_train = png.read_bytes()
@@ -281,7 +311,7 @@ def test_hyperparameter_file_without_a_section_for_the_env_is_rejected(tmp_path,
     hyperparams = tmp_path / "acrobot.yml"
     hyperparams.write_text("Acrobot-v1:\n  batch_size: 32\n")
     code = main(["train", "--hyperparams", str(hyperparams), "--logdir", str(tmp_path / "runs")])
-    assert_usage_error(capsys, code, "no section for CartPole-v1", "Acrobot-v1")
+    assert_usage_error(capsys, code, "no section for", "CartPole-v1", "Acrobot-v1")
 
 
 def test_existing_run_name_is_rejected(tiny_run, capsys):
@@ -314,3 +344,41 @@ def test_console_script_reports_bad_input_in_one_line(tmp_path):
     assert result.stderr.startswith("rollback-rl: error: argument --steps")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("option", "max_restores"), [([], 2), (["--max-restores", "5"], 5),
+                                                       (["--max-restores", "0"], None)])
+def test_max_restores_0_on_the_command_line_is_none_no_limit_in_python(tmp_path, option, max_restores):
+    args = build_parser().parse_args(["train", "--logdir", str(tmp_path), *TINY_RUN, *option])
+    args.argv = []
+    assert plan_training(args).max_restores == max_restores
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # planning writes nothing
+
+
+def test_help_says_how_to_ask_for_no_limit(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "0 = no limit" in " ".join(capsys.readouterr().out.split())
+
+
+class FrozenClock:
+    """Stands for the ``datetime`` module: every ``datetime.now()`` is the same second."""
+
+    class datetime:
+        @staticmethod
+        def now():
+            import datetime
+            return datetime.datetime(2025, 1, 2, 3, 4, 5)
+
+
+def test_two_identical_train_commands_in_the_same_second_get_two_run_folders(tmp_path, monkeypatch, capsys):
+    from rollback_rl import cli
+    monkeypatch.setattr(cli, "datetime", FrozenClock)
+    hyperparams = tmp_path / "tiny.yml"
+    hyperparams.write_text(TINY_YAML)
+    argv = ["train", "--hyperparams", str(hyperparams), "--logdir", str(tmp_path / "runs"), "--steps", "200",
+            "--eval-freq", "200", "--eval-episodes", "1", "--no-progress"]
+    assert main(argv) == 0 and main(argv) == 0
+    name = "CartPole-v1_dqn_s0_20250102-030405"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [name, f"{name}-2"]
+    assert f"Run folder: {tmp_path / 'runs' / name}-2" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import string
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,6 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from rollback_rl import cli
 from rollback_rl.agents import RollbackDQN
 from rollback_rl.cli import main
 from rollback_rl.hyperparams import (
@@ -33,6 +33,7 @@ from rollback_rl.hyperparams import (
     load_yaml_section,
     parse_yaml_value,
 )
+from rollback_rl.training import run_is_complete
 
 torch.set_num_threads(1)
 
@@ -90,9 +91,9 @@ def train(folder: Path, *arguments: str) -> list[str]:
 
 # -- option values ---------------------------------------------------------------------------------
 
-def accepts_integer(text: str, minimum: int) -> bool:
+def accepts_integer(text: str, minimum: int, maximum: int) -> bool:
     try:
-        return int(text) >= minimum
+        return minimum <= int(text) <= maximum
     except ValueError:
         return False
 
@@ -104,8 +105,8 @@ def accepts_fraction(text: str) -> bool:
         return False
 
 
-INTEGER_OPTIONS = {"--steps": 1, "--eval-freq": 1, "--eval-episodes": 1, "--patience": 1, "--seed": 0,
-                   "--checkpoint-freq": 0}
+INTEGER_OPTIONS = {"--steps": (1, 10**9), "--eval-freq": (1, 10**9), "--eval-episodes": (1, 100_000),
+                   "--patience": (1, 10**9), "--seed": (0, 2**32 - 1), "--checkpoint-freq": (0, 10**9)}
 number_like = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True).map(repr),
                         st.sampled_from(["", " ", "1e3", "0x10", "1_000", "nan", "-inf", "½", "٣", "10 000", "--"]))
 
@@ -113,7 +114,7 @@ number_like = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(allow_nan
 @FUZZ
 @given(option=st.sampled_from([*INTEGER_OPTIONS, "--drop"]), value=st.one_of(number_like, st.text(max_size=12)))
 def test_bad_option_values_are_refused(option, value):
-    accepted = accepts_fraction(value) if option == "--drop" else accepts_integer(value, INTEGER_OPTIONS[option])
+    accepted = accepts_fraction(value) if option == "--drop" else accepts_integer(value, *INTEGER_OPTIONS[option])
     assume(not accepted)
     with scratch() as folder:
         assert_refused(train(folder, f"{option}={value}"), folder, option)
@@ -265,6 +266,150 @@ def test_damaged_run_folders_are_refused_by_resume(data, name, run_json):
                 info = json.loads(run_json)
             except (ValueError, UnicodeDecodeError):
                 info = None
-            assume(not cli._is_complete(info if isinstance(info, dict) else None))
+            assume(not run_is_complete(info if isinstance(info, dict) else None))
         assert_refused(["train", "--resume", str(folder / "run"), "--no-progress"], folder, "run")
 
+
+
+# -- numbers over their limits, names and paths that cannot be folders ------------------------------
+
+LIMITS = {"--steps": ("MAX_TIMESTEPS", 10**9), "--eval-freq": ("MAX_TIMESTEPS", 10**9),
+          "--checkpoint-freq": ("MAX_TIMESTEPS", 10**9), "--eval-episodes": ("MAX_EPISODES", 100_000),
+          "--seed": ("MAX_SEED", 2**32 - 1), "--patience": ("MAX_COUNT", 10**9), "--max-restores": ("MAX_COUNT", 10**9)}
+
+
+@FUZZ
+@given(option=st.sampled_from(sorted(LIMITS)), excess=st.one_of(st.integers(1, 10**6), st.integers(1, 10**40),
+                                                                  st.just(10**4_000)))
+def test_numbers_over_their_limit_are_refused_naming_it(option, excess):
+    limit_name, maximum = LIMITS[option]
+    text = str(maximum + excess) if excess < 10**4_000 else "9" * 5_000
+    with scratch() as folder:
+        message = assert_refused(train(folder, f"{option}={text}"), folder, option)
+        assert limit_name in message or "positive integer" in message or ">= 0" in message
+        assert len(message) < 500
+
+
+@FUZZ
+@given(name=st.one_of(st.text(min_size=256, max_size=400, alphabet=string.ascii_letters),
+                      st.text(min_size=86, max_size=120, alphabet="€漢"),  # 3 bytes each in UTF-8: over 255
+                      st.binary(min_size=1, max_size=12).map(lambda b: b"x" + b + b"\xff")
+                      .map(lambda b: b.decode("utf-8", "surrogateescape")),
+                      st.text(min_size=1, max_size=6).map(lambda t: t + "\n" + t),
+                      st.sampled_from(["\t", "a\x1bb", "\x7f"])))
+def test_run_names_too_long_not_utf8_or_with_control_characters_are_refused(name):
+    with scratch() as folder:
+        assert_refused(train(folder, "--steps", "200", "--eval-freq", "100", "--run-name", name), folder, "--run-name")
+
+
+@FUZZ
+@given(logdir=st.one_of(st.sampled_from(["/proc/rollback-rl", "/proc/self/nothing/runs", "/sys/rollback-rl"]),
+                        st.text(min_size=1, max_size=8, alphabet=string.ascii_letters).map(lambda t: "FILE/" + t),
+                        st.integers(4_097, 6_000).map(lambda n: "a" * n),
+                        st.integers(256, 300).map(lambda n: "runs/" + "b" * n),
+                        st.binary(min_size=1, max_size=6)
+                        .map(lambda b: (b"runs\xff" + b).decode("utf-8", "surrogateescape"))))
+def test_logdirs_that_cannot_hold_a_run_folder_are_refused_before_anything_is_written(logdir):
+    with scratch() as folder:
+        (folder / "FILE").write_text("a file, not a folder")
+        logdir = logdir.replace("FILE", str(folder / "FILE"))
+        message = assert_refused(["train", "--steps", "200", "--eval-freq", "100", "--no-progress", "--logdir", logdir],
+                                 folder)
+        assert "--logdir" in message or "run folder" in message
+
+
+@pytest.mark.parametrize("device", ["meta", "xla", "hpu", "ipu", "lazy", "mtia", "privateuseone", "fpga"])
+def test_devices_that_hold_no_data_or_that_rollback_rl_does_not_train_on_are_refused(device, tmp_path):
+    assert_refused(train(tmp_path, "--steps", "200", "--eval-freq", "100", "--device", device), tmp_path, "--device")
+
+
+@FUZZ
+@given(module=st.sampled_from(["os", "subprocess", "planted_module", "rollback_rl.cli"]),
+       name=st.sampled_from(["CartPole-v1", "Anything-v0", "X"]))
+def test_env_ids_naming_a_module_are_refused_and_the_module_is_not_imported(module, name):
+    with scratch() as folder:
+        marker = folder / "imported"
+        (folder / "planted_module.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+        sys.path.insert(0, str(folder))
+        try:
+            message = assert_refused(train(folder, f"{module}:{name}"), folder, "module")
+        finally:
+            sys.path.remove(str(folder))
+        assert not marker.exists() and "planted_module" not in sys.modules, message
+
+
+@pytest.mark.parametrize("arguments", [["--episodes", "99999999999999999999"], ["--episodes", "0"],
+                                       ["--seed", str(2**32)], ["--env", "os:CartPole-v1"]])
+def test_evaluate_refuses_numbers_over_their_limit_and_module_env_ids(arguments, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not looked at")
+    assert_refused(["evaluate", str(tmp_path / "model.safetensors"), *arguments], tmp_path)
+
+
+# -- compare: tasks, seeds and paths checked before any training -----------------------------------
+
+def assert_compare_refused(argv: list[str], folder: Path, *words: str) -> str:
+    """As :func:`assert_refused`, for ``compare``'s own ``rollback-rl compare: error:`` line; nothing runs."""
+    TRIED.append(" ".join(argv))
+    before, cwd_before = files_under(folder), sorted(os.listdir("."))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["compare", "--steps", "400", "--eval-freq", "200", "--workers", "1", *argv])
+    message = err.getvalue()
+    assert code == 2, (argv, code, message, out.getvalue()[-500:])
+    assert message.startswith("rollback-rl compare: error: ") and message.count("\n") == 1, (argv, message)
+    for word in words:
+        assert word in message, (word, message)
+    assert files_under(folder) == before and sorted(os.listdir(".")) == cwd_before, f"{argv} wrote files"
+    return message
+
+
+@pytest.fixture
+def nothing_may_train(monkeypatch):
+    from rollback_rl.experiments.compare import backends
+    monkeypatch.setattr(backends, "execute", None)
+
+
+@FUZZ
+@given(case=st.one_of(
+    st.sampled_from([(["--tasks", "Pendulum-v1"], "DQN cannot run Pendulum-v1"),
+                     (["--tasks", "CartPole-v1,MountainCarContinuous-v0"], "needs Discrete"),
+                     (["--tasks", "os:CartPole-v1"], "module"),
+                     (["--seeds", "1000000000"], "MAX_SEEDS"),
+                     (["--seeds", "99999999999999999999"], "MAX_SEEDS"),
+                     (["--seed-list", ",".join(map(str, range(1_001)))], "MAX_SEEDS"),
+                     (["--steps", "99999999999999999999"], "MAX_TIMESTEPS"),
+                     (["--final-episodes", "10000000"], "MAX_EPISODES"),
+                     (["--workers", "100000"], "MAX_WORKERS"),
+                     (["--results", "/proc/rollback-rl-results"], "--results"),
+                     (["--results", "FILE/results"], "--results")]),
+    st.integers(2**32, 10**30).map(lambda seed: (["--seed-list", f"0,{seed}"], "MAX_SEED"))))
+def test_compare_refuses_tasks_seeds_and_paths_before_any_training(case):
+    arguments, word = case
+    with scratch() as folder, pytest.MonkeyPatch.context() as patch:
+        from rollback_rl.experiments.compare import backends
+        patch.setattr(backends, "execute", None)  # nothing may train
+        (folder / "FILE").write_text("a file")
+        arguments = [a.replace("FILE", str(folder / "FILE")) for a in arguments]
+        if "--results" not in arguments:
+            arguments += ["--results", str(folder / "results")]
+        assert_compare_refused(arguments, folder, word)
+
+
+# -- plot --output -----------------------------------------------------------------------------------
+
+def test_plot_output_folder_gets_learning_curve_png_written_where_it_says(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+    run = tmp_path / "run"
+    writer = SummaryWriter(str(run))
+    for step in (100, 200):
+        writer.add_scalar("eval/mean_reward", float(step), step)
+    writer.close()
+    (tmp_path / "out").mkdir()
+    assert main(["plot", str(run), "--output", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip() == f"Wrote {tmp_path / 'out' / 'learning_curve.png'}"
+    assert (tmp_path / "out" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "out.png").exists()
+    assert main(["plot", str(run), "--output", str(tmp_path / "curve")]) == 0  # no suffix: none added
+    assert capsys.readouterr().out.strip() == f"Wrote {tmp_path / 'curve'}"
+    assert (tmp_path / "curve").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "curve.png").exists()
+    assert_refused(["plot", str(run), "--output", "/proc/rollback-rl.png"], tmp_path, "plot")

@@ -7,6 +7,7 @@ seconds) and killed with SIGKILL; resumes run in-process where nothing needs kil
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -28,13 +29,15 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 from torch.utils.tensorboard import SummaryWriter
 
-from rollback_rl import cli, resume
+from rollback_rl import cli
+from rollback_rl.persistence import resume
+from rollback_rl.training import TrainingPlan, build_envs
 from rollback_rl.callbacks.rollback import RollbackCallback, RollbackEvent
-from rollback_rl.checkpoints import LATEST, CheckpointStore
+from rollback_rl.persistence.checkpoints import LATEST, CheckpointStore
 from rollback_rl.cli import main
-from rollback_rl.detectors import Score, SignificantDrop
+from rollback_rl.core.detectors import Score, SignificantDrop
 from rollback_rl.plotting import read_scalars
-from rollback_rl.resume import (
+from rollback_rl.persistence.resume import (
     MODEL_FILE,
     REPLAY_BUFFER_FILE,
     SNAPSHOTS_FILE,
@@ -45,8 +48,8 @@ from rollback_rl.resume import (
     restore_evaluation_state,
     run_metadata,
 )
-from rollback_rl.run_logs import carry_events_over, cut_progress_csv
-from rollback_rl.safe_io import (
+from rollback_rl.persistence.run_logs import carry_events_over, cut_progress_csv
+from rollback_rl.persistence.safe_io import (
     CorruptFileError,
     from_json_and_tensors,
     load_tensors,
@@ -107,7 +110,7 @@ def install_pause(phase: str, marker: Path) -> None:
             pause_forever(marker)
         resume.save_snapshot_ring = write_then_pause
     elif phase == "checkpoint-latest":  # the new checkpoint in place, LATEST still naming the previous one
-        from rollback_rl import checkpoints
+        from rollback_rl.persistence import checkpoints
         write = checkpoints.atomic_write_bytes
 
         def pause_before_latest(path, data):
@@ -116,7 +119,7 @@ def install_pause(phase: str, marker: Path) -> None:
             write(path, data)
         checkpoints.atomic_write_bytes = pause_before_latest
     elif phase == "checkpoint-prune":  # an old checkpoint half deleted
-        from rollback_rl import checkpoints
+        from rollback_rl.persistence import checkpoints
         rmtree = shutil.rmtree
 
         def remove_one_file_then_pause(path, *args, **kwargs):
@@ -126,6 +129,17 @@ def install_pause(phase: str, marker: Path) -> None:
                 pause_forever(marker)
             rmtree(path, *args, **kwargs)
         checkpoints.shutil.rmtree = remove_one_file_then_pause
+    elif phase == "final-files":  # the model staged, the zip and run.json not yet: waits for a ".go" file
+        from rollback_rl import training
+        save_sb3_zip = training.save_sb3_zip
+
+        def pause_then_save(model, path):
+            marker.write_text(str(os.getpid()))
+            deadline = time.monotonic() + 60
+            while not marker.with_suffix(".go").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return save_sb3_zip(model, path)
+        training.save_sb3_zip = pause_then_save
     elif phase == "resume-events":  # events copied into the new file, the old files not yet deleted
         unlink = Path.unlink
 
@@ -141,8 +155,8 @@ def install_pause(phase: str, marker: Path) -> None:
 def child_main(argv: list[str], log: str, progress, pause: str | None, marker: str) -> None:
     sys.stdout = sys.stderr = open(log, "a", buffering=1)  # noqa: SIM115 - the child ends with os._exit
     run_training = cli.run_training
-    cli.run_training = lambda session, args, extra_callbacks=(): run_training(
-        session, args, [*extra_callbacks, ReportProgress(progress)])
+    cli.run_training = lambda session, *args, extra_callbacks=(), **kwargs: run_training(
+        session, *args, extra_callbacks=[*extra_callbacks, ReportProgress(progress)], **kwargs)
     if pause is not None:
         install_pause(pause, Path(marker))
     try:
@@ -399,13 +413,14 @@ class RecordAtCheckpoints(BaseCallback):
 def test_a_checkpoint_holds_the_exact_training_state(tmp_path, monkeypatch):
     recorder = RecordAtCheckpoints()
     run_training = cli.run_training
-    monkeypatch.setattr(cli, "run_training", lambda session, args: run_training(session, args, [recorder]))
+    monkeypatch.setattr(cli, "run_training", lambda session, *args, **kwargs: run_training(
+        session, *args, extra_callbacks=[recorder], **kwargs))
     assert main(train_arguments(tmp_path, "exact", 600, "--checkpoint-replay-buffer")) == 0
     run_dir = tmp_path / "runs" / "exact"
     store = CheckpointStore(run_dir / "checkpoints")
     assert store.steps() == [200, 400]
-    plan = cli.TrainingPlan.from_json(run_metadata(store)["run"], run_dir)
-    env, _ = cli.build_envs(plan)
+    plan = TrainingPlan.from_json(run_metadata(store)["run"], run_dir)
+    env, _ = build_envs(plan.env_id, plan.seed, plan.hyperparameters)
     point = load_resume_point(store, env)
     expected = recorder.records[400]
     model = point.model
@@ -428,14 +443,14 @@ def test_rollback_callback_state_round_trips(tmp_path):
     callback.history.best, callback.history.floor = 20.5, 9.0
     callback.detector.bad_in_a_row = 2
     callback.rebases, callback.eval_timesteps, callback.eval_seconds = 1, 321, 1.5
-    callback._consecutive_rollbacks, callback._next_check, callback._online_returns = 1, 600, [3.0]
+    callback.policy.consecutive_rollbacks, callback._next_check, callback._online_returns = 1, 600, [3.0]
     save_tensors(tmp_path / "state.safetensors", {}, {"evaluation": evaluation_state(callback)})
     state = resume._checked_evaluation_state(load_tensors(tmp_path / "state.safetensors")[1]["evaluation"])
     restored = RollbackCallback(detector=SignificantDrop(patience=3))
     restore_evaluation_state(restored, state)
-    for name in ("scores", "rollbacks", "rebases", "eval_timesteps", "eval_seconds", "_consecutive_rollbacks",
-                 "_next_check", "_online_returns"):
+    for name in ("scores", "rollbacks", "rebases", "eval_timesteps", "eval_seconds", "_next_check", "_online_returns"):
         assert getattr(restored, name) == getattr(callback, name), name
+    assert restored.policy.consecutive_rollbacks == 1
     assert (restored.history.best, restored.history.floor, restored.detector.bad_in_a_row) == (20.5, 9.0, 2)
 
 
@@ -493,9 +508,9 @@ def test_a_crafted_checkpoint_file_is_refused_without_running_it(killed_run, tmp
     newest = run_dir / "checkpoints" / "checkpoint-600"
     replace_checkpoint_file(newest, name, crafted_bytes(name, marker, newest / name))
     store = CheckpointStore(run_dir / "checkpoints")
-    plan = cli.TrainingPlan.from_json(run_metadata(store)["run"], run_dir)
+    plan = TrainingPlan.from_json(run_metadata(store)["run"], run_dir)
     skipped = []
-    point = load_resume_point(store, cli.build_envs(plan)[0], on_skip=skipped.append)
+    point = load_resume_point(store, build_envs(plan.env_id, plan.seed, plan.hyperparameters)[0], on_skip=skipped.append)
     assert point.timestep == 400
     assert len(skipped) == 1 and "checkpoint-600" in skipped[0] and "pickle" in skipped[0]
     assert not marker.exists()
@@ -588,3 +603,117 @@ def test_events_after_the_checkpoint_and_a_truncated_record_are_dropped(tmp_path
     writer.close()
     assert copied > 0 and not first.exists() and not copy.exists()
     assert [step for step, _ in read_scalars(tmp_path)["eval/mean_reward"]] == [100, 200, 300, 400, 500, 600]
+
+
+# -- SIGTERM, a second Ctrl-C, a full disk --------------------------------------------------------
+
+def stop_lines(log: Path, word: str) -> list[str]:
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    return [line for line in text.splitlines() if word in line]
+
+
+def assert_final_files_agree(run_dir: Path) -> dict:
+    """run.json and model.safetensors were written together: the same timestep, nothing staged left."""
+    info = json.loads((run_dir / "run.json").read_text())
+    assert model_counters(run_dir / "model.safetensors")["num_timesteps"] == info["timesteps_done"]
+    assert not list(run_dir.glob(".staged-*"))
+    return info
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_resume_finishes_it(tmp_path):
+    argv = train_arguments(tmp_path, "terminated", 3_000)
+    run_dir, log = tmp_path / "runs" / "terminated", tmp_path / "child.log"
+    child = Child(argv, log)
+    child.wait_until(lambda: child.progress.value >= 2 * FREQ + 50)  # past the checkpoint at 400
+    os.kill(child.process.pid, signal.SIGTERM)
+    assert child.finish(timeout=120) == 128 + signal.SIGTERM
+    [line] = stop_lines(log, "SIGTERM")
+    assert line.startswith("Stopped by SIGTERM at timestep ") and f"train --resume {run_dir}" in line
+    info = assert_final_files_agree(run_dir)
+    assert info["interrupted"] and info["stop_reason"] == "SIGTERM" and 450 <= info["timesteps_done"] < 3_000
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    info = assert_final_files_agree(run_dir)
+    assert info["timesteps_done"] == 3_000 and not info["interrupted"] and info["stop_reason"] is None
+    assert [r["timestep"] for r in info["resumes"]] and info["resumes"][0]["timestep"] >= 2 * FREQ
+
+
+def test_a_second_ctrl_c_while_the_final_files_are_written_waits_for_them_and_ends_cleanly(tmp_path):
+    argv = train_arguments(tmp_path, "twice", 3_000)
+    run_dir, log = tmp_path / "runs" / "twice", tmp_path / "child.log"
+    child = Child(argv, log, pause="final-files")
+    child.wait_until(lambda: child.progress.value >= FREQ)
+    os.kill(child.process.pid, signal.SIGINT)
+    child.wait_for_pause()  # the first Ctrl-C stopped training; the final files are being written
+    os.kill(child.process.pid, signal.SIGINT)
+    os.kill(child.process.pid, signal.SIGTERM)
+    time.sleep(0.2)
+    child.marker.with_suffix(".go").write_text("")
+    assert child.finish(timeout=120) == 128 + signal.SIGINT
+    [line] = stop_lines(log, "Interrupted at timestep")
+    assert f"train --resume {run_dir}" in line
+    info = assert_final_files_agree(run_dir)
+    assert info["interrupted"] and info["stop_reason"] == "SIGINT"
+    assert (run_dir / "model.zip").is_file()
+
+
+class FillTheDisk(BaseCallback):
+    """From timestep ``at`` on, every ``fsync`` (atomic writes, checkpoints, flushed logs) fails with
+    ENOSPC, as on a full disk; ``full`` says whether it has started."""
+
+    def __init__(self, at: int, monkeypatch) -> None:
+        super().__init__()
+        self.at, self.full = at, False
+        fsync = os.fsync
+
+        def failing_fsync(descriptor):
+            if self.full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return fsync(descriptor)
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+
+    def _on_step(self) -> bool:
+        self.full = self.full or self.num_timesteps >= self.at
+        return True
+
+
+def test_a_full_disk_is_warned_about_training_goes_on_and_the_newest_checkpoint_is_named(tmp_path, monkeypatch,
+                                                                                         capsys):
+    disk = FillTheDisk(at=FREQ + 50, monkeypatch=monkeypatch)
+    run_training = cli.run_training
+    monkeypatch.setattr(cli, "run_training", lambda session, *args, **kwargs: run_training(
+        session, *args, extra_callbacks=[disk], **kwargs))
+    argv = train_arguments(tmp_path, "full", 3 * FREQ)
+    run_dir = tmp_path / "runs" / "full"
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    warnings_ = [line for line in err.splitlines() if line.startswith("rollback-rl: warning:")]
+    assert any("cannot write the checkpoint of step 400" in line and "checkpoint-200 is kept" in line
+               for line in warnings_), err
+    [error] = [line for line in err.splitlines() if line.startswith("rollback-rl: error:")]
+    assert "No space left on device" in error
+    assert f"the newest checkpoint is {run_dir / 'checkpoints' / 'checkpoint-200'}" in error
+    assert f"train --resume {run_dir}" in error
+    assert not (run_dir / "model.safetensors").exists() and not (run_dir / "run.json").exists()
+    assert not list(run_dir.glob(".staged-*"))
+
+    disk.full, disk.at = False, 10**9  # space again: the run resumes from the checkpoint it named
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    info = assert_final_files_agree(run_dir)
+    assert info["resumes"][0]["timestep"] == FREQ and info["timesteps_done"] == 3 * FREQ
+
+
+def test_a_file_sb3_writes_itself_that_fails_stops_training_with_the_run_so_far_saved(tmp_path, monkeypatch, capsys):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "evaluations.npz")
+
+    monkeypatch.setattr(np, "savez", disk_full)  # EvalCallback's evaluations/evaluations.npz (vanilla runs)
+    argv = train_arguments(tmp_path, "vanilla", 3 * FREQ, "--no-rollback")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    [error] = [line for line in err.splitlines() if line.startswith("rollback-rl: error:")]
+    assert "Traceback" not in err and f"training stopped at timestep {FREQ}" in error
+    assert "No space left on device: evaluations.npz" in error and "saved" in error
+    info = assert_final_files_agree(tmp_path / "runs" / "vanilla")
+    assert info["interrupted"] and info["timesteps_done"] == FREQ

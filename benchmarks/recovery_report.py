@@ -1,0 +1,40 @@
+"""The paired report of the recovery experiment, from its records alone (docs/protocol.md).
+
+    .venv/bin/python benchmarks/recovery_report.py benchmarks/results/recovery_tuning
+    .venv/bin/python benchmarks/recovery_report.py benchmarks/results/recovery --references vanilla,best_model,control_cool_on_solve
+
+Reads every ``<task>/<arm>/seed<k>.json`` under the folder, writes ``paired_report.json`` and
+``paired_report.md`` beside them and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rollback_rl.experiments.common import provenance
+from rollback_rl.experiments.compare.paired import markdown, paired_report
+from rollback_rl.experiments.compare.records import read_record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--references", default="vanilla,best_model,control_cool_on_solve,rollback")
+    parser.add_argument("--task", default="CartPole-v1")
+    args = parser.parse_args()
+    folder = args.results / args.task.replace("/", "_")
+    records = [read_record(path) for path in sorted(folder.glob("*/seed*.json"))]
+    report = paired_report(records, args.references.split(","))
+    report["task"] = args.task
+    report["records"] = sorted(str(p.relative_to(args.results)) for p in folder.glob("*/seed*.json"))
+    report["provenance"] = provenance(vars(args))
+    (args.results / "paired_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    (args.results / "paired_report.md").write_text(f"# Paired report: {args.task}, records under {args.results}\n\n" + text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

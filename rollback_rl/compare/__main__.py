@@ -1,8 +1,0 @@
-"""``python -m rollback_rl.compare``: the ``compare`` command on its own (same as ``rollback-rl compare``)."""
-
-import sys
-
-from rollback_rl.compare.command import main
-
-if __name__ == "__main__":
-    sys.exit(main())
