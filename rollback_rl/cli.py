@@ -176,10 +176,11 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
                              "(best minus lowest score) and significantly (default: 0.5)")
     parser.add_argument("--patience", type=_plan_option("patience"), default=1, metavar="N",
                         help="evaluations in a row that must show the drop (default: 1)")
-    parser.add_argument("--max-restores", type=_plan_option("max_restores"), default=2, metavar="N",
+    parser.add_argument("--max-restores", type=_plan_option("max_restores"), default=0, metavar="N",
                         help="restores of one snapshot after which the next collapse from it keeps the current "
-                             "weights; the snapshot comes back at the end if still better; 0 = no limit "
-                             "(default: 2)")
+                             "weights (the snapshot comes back if the weights fall to the floor, and at the end if "
+                             "still better); 0 = no limit, the default: each rollback resets Adam and cuts the "
+                             "learning rate to a tenth instead")
     parser.add_argument("--checkpoint-freq", type=_plan_option("checkpoint_freq"), default=DEFAULT_CHECKPOINT_FREQ,
                         metavar="N",
                         help=f"training timesteps between durable checkpoints, for --resume; 0: none "

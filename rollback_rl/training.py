@@ -275,7 +275,7 @@ class TrainingPlan:
     run_dir: Path
     drop: float = 0.5
     patience: int = 1
-    max_restores: int | None = 2
+    max_restores: int | None = None
     checkpoint_freq: int = DEFAULT_CHECKPOINT_FREQ
     checkpoint_replay_buffer: bool = False
     command: list[str] = field(default_factory=list)

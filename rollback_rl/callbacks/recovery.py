@@ -24,7 +24,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from rollback_rl.buffers import FifoReplayBuffer
-from rollback_rl.callbacks.schedules import ScaledSchedule
+from rollback_rl.core.schedules import ScaledSchedule
 from rollback_rl.tensorboard_layout import (
     LEARNING_RATE_TAG,
     OPTIMIZER_RESET_TAG,

@@ -3,24 +3,8 @@
 from __future__ import annotations
 
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.type_aliases import Schedule
-
+from rollback_rl.core.schedules import ScaledSchedule
 from rollback_rl.tensorboard_layout import LEARNING_RATE_TAG
-
-
-class ScaledSchedule:
-    """A learning-rate schedule multiplied by a constant (picklable, so ``model.save()`` keeps working).
-
-    :param schedule: the original schedule (progress remaining -> learning rate)
-    :param factor: multiplier applied to every value
-    """
-
-    def __init__(self, schedule: Schedule, factor: float) -> None:
-        self.schedule = schedule
-        self.factor = factor
-
-    def __call__(self, progress_remaining: float) -> float:
-        return self.factor * self.schedule(progress_remaining)
 
 
 class ScaleLearningRate(BaseCallback):

@@ -54,6 +54,7 @@ from stable_baselines3.common.save_util import recursive_getattr
 from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
 from stable_baselines3.common.utils import ConstantSchedule, FloatSchedule, LinearSchedule, check_for_correct_spaces
 
+from rollback_rl.core.schedules import ScaledSchedule
 from rollback_rl.hyperparams import HyperparameterError, check_memory_on_spaces, check_saved_settings
 from rollback_rl.persistence.limits import (
     MAX_JSON_BYTES,
@@ -190,6 +191,8 @@ def _to_plain(value: Any, algorithm: type[BaseAlgorithm]) -> Any:
         return {"__train_freq__": [value.frequency, value.unit.value]}
     if isinstance(value, FloatSchedule):
         return {"__schedule__": "FloatSchedule", "inner": _to_plain(value.value_schedule, algorithm)}
+    if isinstance(value, ScaledSchedule):  # a learning rate cooled after a rollback
+        return {"__schedule__": "ScaledSchedule", "factor": value.factor, "inner": _to_plain(value.schedule, algorithm)}
     if isinstance(value, ConstantSchedule):
         return {"__schedule__": "ConstantSchedule", "val": value.val}
     if isinstance(value, LinearSchedule):
@@ -233,6 +236,8 @@ def _from_plain(value: Any, algorithm: type[BaseAlgorithm]) -> Any:
         kind = value["__schedule__"]
         if kind == "FloatSchedule":
             return FloatSchedule(_from_plain(value["inner"], algorithm))
+        if kind == "ScaledSchedule":
+            return ScaledSchedule(_from_plain(value["inner"], algorithm), _finite(value["factor"], "schedule factor"))
         if kind == "ConstantSchedule":
             return ConstantSchedule(_finite(value["val"], "schedule value"))
         if kind == "LinearSchedule":
@@ -426,6 +431,9 @@ def _build(algorithm: type[BaseAlgorithm], settings: dict[str, Any], env: Any, d
         model = algorithm(policy=settings["policy_class"], env=env, device=device, _init_setup_model=False)
         model.__dict__.update(settings)
         model._setup_model()
+        if callable(settings.get("lr_schedule")):
+            # _setup_model rebuilds lr_schedule from learning_rate; keep the stored one (a rate cooled after a rollback)
+            model.lr_schedule = settings["lr_schedule"]
     except MemoryError:
         raise OutOfRangeError(f"{source}: building a {algorithm.__name__} from its settings ran out of "
                               "memory") from None

@@ -346,7 +346,7 @@ def test_console_script_reports_bad_input_in_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize(("option", "max_restores"), [([], 2), (["--max-restores", "5"], 5),
+@pytest.mark.parametrize(("option", "max_restores"), [([], None), (["--max-restores", "5"], 5),
                                                        (["--max-restores", "0"], None)])
 def test_max_restores_0_on_the_command_line_is_none_no_limit_in_python(tmp_path, option, max_restores):
     args = build_parser().parse_args(["train", "--logdir", str(tmp_path), *TINY_RUN, *option])

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -199,3 +200,17 @@ def test_only_allow_listed_algorithms_are_built(tmp_path):
     trained("DQN").save(tmp_path / "model.zip")
     with pytest.raises(ValueError, match="unsupported algorithm"):
         load_sb3_zip_safely(tmp_path / "model.zip", "HER", "CartPole-v1")
+
+
+def test_a_learning_rate_cooled_after_a_rollback_survives_save_and_load(tmp_path):
+    # CoolLearningRate installs a ScaledSchedule; a resumed run must go on with the cooled rate.
+    from rollback_rl.core.schedules import ScaledSchedule
+
+    original = DQN("MlpPolicy", "CartPole-v1", learning_rate=1e-3, policy_kwargs=dict(net_arch=[8]), seed=0)
+    original.lr_schedule = ScaledSchedule(ScaledSchedule(original.lr_schedule, 0.1), 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left out of the file
+        save_model(original, tmp_path / "model")
+    loaded = load_model(tmp_path / "model.safetensors", env="CartPole-v1")
+    assert isinstance(loaded.lr_schedule, ScaledSchedule)
+    assert loaded.lr_schedule(0.5) == pytest.approx(1e-5)

@@ -36,7 +36,8 @@ import rollback_rl.envs  # registers this package's environments with gymnasium
 from rollback_rl.agents import RollbackDQN
 from rollback_rl.callbacks import RollbackCallback
 from rollback_rl.callbacks.recovery import CoolLearningRate, DropRecentTransitions, ResetOptimizer, SlowTargetUpdates
-from rollback_rl.callbacks.schedules import ScaleLearningRate, ScaledSchedule
+from rollback_rl.callbacks.schedules import ScaleLearningRate
+from rollback_rl.core.schedules import ScaledSchedule
 from rollback_rl.evaluation import EVAL_SEED_OFFSET, final_episode_seed, greedy_returns
 from rollback_rl.experiments.common import provenance
 from rollback_rl.experiments.compare.records import RECORD_SCHEMA
