@@ -54,7 +54,7 @@ from rollback_rl.persistence.limits import (
     read_capped,
 )
 
-# rl-baselines3-zoo hyperparams/dqn.yml, as listed in PROTOCOL.md.
+# rl-baselines3-zoo hyperparams/dqn.yml, as listed in docs/protocol.md.
 _DQN_CLASSIC_CONTROL = dict(policy="MlpPolicy", learning_rate=6.3e-4, batch_size=128, buffer_size=50_000,
                             learning_starts=0, gamma=0.99, target_update_interval=250, train_freq=4,
                             gradient_steps=-1, exploration_fraction=0.12, exploration_final_eps=0.1,
@@ -97,7 +97,7 @@ def hyperparameters_for(env_id: str, algo: str) -> dict[str, Any]:
 
 
 def eval_freq_for(env_id: str) -> int:
-    """Training timesteps between two evaluations (PROTOCOL.md): 2,500 on CartPole, 5,000 elsewhere."""
+    """Training timesteps between two evaluations (docs/protocol.md): 2,500 on CartPole, 5,000 elsewhere."""
     return CARTPOLE_EVAL_FREQ if env_id in _CARTPOLE_FAMILY_STEPS else DEFAULT_EVAL_FREQ
 
 
