@@ -19,10 +19,13 @@ The decision, one score at a time:
 
 1. A score as good as the best so far (within ``tolerance`` of the learned range ``best - floor``;
    equal scores count, so the newest good weights are kept) asks for a snapshot.
-2. When the detector judges the score a collapse from the last good snapshot's score, the snapshot is
-   put back, unless it was already restored ``max_restores`` times: then it is set aside for the end of
-   training and the current level becomes the reference (a *rebase*), since restoring weights without
-   the replay buffer and optimizer dynamics that caused the collapse tends to collapse again.
+2. A fall counts only from a level actually learned (``ScoreHistory.has_learned``: above the floor as
+   it stood before this score by more than ``min_delta`` and 10% of the way to ``solved_score``, and
+   significantly; or at ``solved_score``). When the detector then judges the score a collapse from the
+   last good snapshot's score, the snapshot is put back, unless it was already restored ``max_restores``
+   times (default: no limit): then it is set aside and the current level becomes the reference (a
+   *rebase*). A set-aside snapshot is checked again as soon as the weights fall back to the floor
+   (``FLOOR_DROP``): giving up is never final.
 3. Where the caller can evaluate (``checks_restores``), the restored snapshot is scored afresh before
    it stays: its recorded score was the best of many noisy evaluations (biased upward) and, if the
    environment changed, no longer holds at all. Unless the fresh score beats the collapsed one by more
@@ -33,8 +36,9 @@ The decision, one score at a time:
 4. When training ends, a snapshot set aside comes back if it beats the final weights' score by more
    than ``tolerance``, on a fresh check as in 3.
 
-Worked example: CartPole-v1 (scores from 9 to 500), an evaluation every 500 steps, the defaults
-(``SignificantDrop(drop=0.5)``, ``tolerance=0.05``, ``max_restores=2``):
+Worked example: CartPole-v1 (scores from 9 to 500), an evaluation every 500 steps,
+``SignificantDrop(drop=0.5)``, ``tolerance=0.05`` and ``max_restores=2`` (the default is no limit: the
+caller's remedies grow with each restore instead):
 
 ======== ======== ==============================================================================
 timestep score    decision
@@ -203,7 +207,7 @@ class RollbackPolicy:
     """
 
     def __init__(self, detector: CollapseDetector | None = None, tolerance: float = 0.05,
-                 max_restores: int | None = 2, max_consecutive_rollbacks: int = 3,
+                 max_restores: int | None = None, max_consecutive_rollbacks: int = 3,
                  checks_restores: bool = True, min_delta: float | None = 0.0,
                  learned_alpha: float | None = 0.05, solved_score: float | None = None) -> None:
         if detector is not None and not isinstance(detector, CollapseDetector):
