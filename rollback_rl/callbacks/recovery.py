@@ -24,9 +24,8 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from rollback_rl.buffers import FifoReplayBuffer
-from rollback_rl.core.schedules import ScaledSchedule
+from rollback_rl.callbacks.schedules import ScaleLearningRate
 from rollback_rl.tensorboard_layout import (
-    LEARNING_RATE_TAG,
     OPTIMIZER_RESET_TAG,
     TARGET_UPDATE_INTERVAL_TAG,
     TRANSITIONS_DROPPED_TAG,
@@ -77,8 +76,9 @@ def _optimizers(model: Any) -> list[Any]:
     return optimizers
 
 
-class CoolLearningRate(BaseCallback):
-    """Multiply the learning rate by ``factor`` for the rest of training, once more at every rollback.
+class CoolLearningRate(ScaleLearningRate):
+    """Multiply the learning rate by ``factor`` for the rest of training, once more at every rollback:
+    ``ScaleLearningRate`` with the remedy's default of 0.1 and a factor that can only cool.
 
     Replaces ``model.lr_schedule`` (not the optimizer's rate, which SB3's ``_update_learning_rate``
     overwrites before each training phase), so it holds whatever schedule was in place.
@@ -88,21 +88,9 @@ class CoolLearningRate(BaseCallback):
     """
 
     def __init__(self, factor: float = 0.1, min_learning_rate: float = 0.0, verbose: int = 0) -> None:
-        super().__init__(verbose=verbose)
         if not 0 < factor <= 1:
             raise ValueError(f"factor must be in (0, 1], got {factor!r}")
-        self.factor = factor
-        self.min_learning_rate = min_learning_rate
-
-    def _on_step(self) -> bool:
-        schedule = self.model.lr_schedule
-        current = schedule(self.model._current_progress_remaining)
-        factor = max(self.factor, self.min_learning_rate / current) if current > 0 else self.factor
-        self.model.lr_schedule = ScaledSchedule(schedule, factor)
-        self.logger.record(LEARNING_RATE_TAG, current * factor)
-        if self.verbose >= 1:
-            print(f"Learning rate cooled by {factor:.3g} to {current * factor:.3g}")
-        return True
+        super().__init__(factor, min_learning_rate, verbose=verbose)
 
 
 class DropRecentTransitions(BaseCallback):
