@@ -14,6 +14,18 @@ from stable_baselines3.common.callbacks import BaseCallback
 from rollback_rl.callbacks import sb3_training_state
 from rollback_rl.core.detectors import CollapseDetector, Score
 
+# A tiny RL Zoo-format hyperparameter file: CartPole-v1 trains in seconds with it.
+TINY_YAML = """\
+CartPole-v1:
+  learning_starts: 100
+  batch_size: 32
+  buffer_size: 1000
+  train_freq: 4
+  gradient_steps: 1
+  target_update_interval: 50
+  policy_kwargs: "dict(net_arch=[16])"
+"""
+
 # Push right when this dot product with (x, x_dot, theta, theta_dot) is positive.
 CARTPOLE_BALANCER = (0.0, 0.0, 1.0, 0.2)  # 500 on every seed tried
 CARTPOLE_WOBBLER = (0.0, 0.0, 0.0, 1.0)  # 138 to 278: a mediocre, noisy policy

@@ -16,6 +16,7 @@ import pytest
 import torch
 from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 
+from helpers import TINY_YAML
 from rollback_rl.persistence.checkpoints import CheckpointStore
 from rollback_rl.cli import build_parser, main, plan_training
 from rollback_rl.hyperparams import parse_python_literal
@@ -23,16 +24,6 @@ from rollback_rl.persistence.safe_io import load_tensors
 
 torch.set_num_threads(1)
 
-TINY_YAML = """\
-CartPole-v1:
-  learning_starts: 100
-  batch_size: 32
-  buffer_size: 1000
-  train_freq: 4
-  gradient_steps: 1
-  target_update_interval: 50
-  policy_kwargs: "dict(net_arch=[16])"
-"""
 TINY_RUN = ["--steps", "600", "--eval-freq", "200", "--eval-episodes", "2", "--no-progress"]
 
 

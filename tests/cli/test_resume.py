@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_states_equal, copy_training_state
+from helpers import TINY_YAML, assert_states_equal, copy_training_state
 from stable_baselines3.common.callbacks import BaseCallback
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
@@ -58,16 +58,6 @@ from rollback_rl.persistence.safe_io import (
 
 torch.set_num_threads(1)
 
-TINY_YAML = """\
-CartPole-v1:
-  learning_starts: 100
-  batch_size: 32
-  buffer_size: 1000
-  train_freq: 4
-  gradient_steps: 1
-  target_update_interval: 50
-  policy_kwargs: "dict(net_arch=[16])"
-"""
 FREQ = 200  # checkpoint and evaluation frequency
 TRAIN_FREQ = 4  # a checkpoint is written at the first rollout start at or after each multiple of FREQ
 FORK = multiprocessing.get_context("fork")

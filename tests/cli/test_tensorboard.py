@@ -18,22 +18,13 @@ from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 
+from helpers import TINY_YAML
 from rollback_rl.cli import main
 from rollback_rl.plotting import draw_curves, read_curves
 from rollback_rl.tensorboard_layout import MAIN_CHART
 
 torch.set_num_threads(1)
 
-TINY_YAML = """\
-CartPole-v1:
-  learning_starts: 100
-  batch_size: 32
-  buffer_size: 1000
-  train_freq: 4
-  gradient_steps: 1
-  target_update_interval: 50
-  policy_kwargs: "dict(net_arch=[16])"
-"""
 
 
 def train_tiny(logdir: Path, run_name: str, *extra: str) -> Path:

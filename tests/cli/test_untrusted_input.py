@@ -21,6 +21,7 @@ import pytest
 import torch
 from stable_baselines3 import DQN
 
+from helpers import TINY_YAML
 from rollback_rl.cli import main
 from rollback_rl.persistence.safe_io import load_tensors, save_tensors
 from rollback_rl.persistence.safe_model import save_model
@@ -145,16 +146,6 @@ def test_hostile_input_gets_one_line_and_exit_2_under_a_memory_cap(hostile):
 
 # -- run folders are data: forged checkpoint manifests, planted links -----------------------------
 
-TINY_YAML = """\
-CartPole-v1:
-  learning_starts: 100
-  batch_size: 32
-  buffer_size: 1000
-  train_freq: 4
-  gradient_steps: 1
-  target_update_interval: 50
-  policy_kwargs: "dict(net_arch=[16])"
-"""
 UNTRUSTED_TRIED: list[str] = []  # one entry per forged or planted run folder given to main()
 
 
