@@ -101,3 +101,13 @@ def load_model_for_evaluation(path: Path, env_id: str, algorithm: type[BaseAlgor
             return load_sb3_zip_safely(path, algorithm, gym.make(env_id, **env_kwargs), device="cpu")
     except (SafeLoadError, OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise UsageError(f"cannot load {path}: {error}") from None
+
+
+def reward_threshold(env: VecEnv | None) -> float | None:
+    """The task's ``reward_threshold`` from its gymnasium spec (CartPole-v1: 475), if it has one."""
+    try:
+        spec = env.get_attr("spec", indices=[0])[0] if env is not None else None
+    except (AttributeError, IndexError):
+        return None
+    threshold = getattr(spec, "reward_threshold", None)
+    return float(threshold) if threshold is not None else None

@@ -27,7 +27,9 @@ import ast
 import difflib
 import inspect
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -255,7 +257,12 @@ def load_yaml_section(path: str | Path, env_id: str) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as file:  # read with a cap: the path may be /dev/zero or a pipe
+        # Without O_NONBLOCK, opening a pipe would wait for a writer; it is refused once open. Read with a
+        # cap: the path may be /dev/zero.
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(descriptor, "rb") as file:
+            if stat.S_ISFIFO(os.fstat(descriptor).st_mode) or stat.S_ISSOCK(os.fstat(descriptor).st_mode):
+                raise HyperparameterError(f"hyperparameter file {path}: a pipe, not a file")
             text = read_capped(file, MAX_YAML_BYTES, "the file", "MAX_YAML_BYTES").decode()
     except OSError as error:
         raise HyperparameterError(f"cannot read hyperparameter file {path}: {error.strerror}") from None

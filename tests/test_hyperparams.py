@@ -13,6 +13,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +121,16 @@ def test_dev_zero_as_a_hyperparameter_file_stops_at_the_size_limit():
     started = time.perf_counter()
     refusal(lambda: load_yaml_section("/dev/zero", "CartPole-v1"), "MAX_YAML_BYTES", "/dev/zero")
     assert time.perf_counter() - started < 1.0
+
+
+def test_a_pipe_as_a_hyperparameter_file_is_refused_without_waiting_for_a_writer(tmp_path):
+    os.mkfifo(tmp_path / "pipe.yml")
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(
+        refusal(lambda: load_yaml_section(tmp_path / "pipe.yml", "CartPole-v1"), "a pipe, not a file")), daemon=True)
+    reader.start()
+    reader.join(timeout=30)  # a blocking open() would never return: no process writes to the pipe
+    assert not reader.is_alive() and outcome
 
 
 def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path):

@@ -18,13 +18,14 @@ times that snapshot has now been restored, so a remedy can grow with repeated co
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from rollback_rl.buffers import FifoReplayBuffer
 from rollback_rl.callbacks.schedules import ScaleLearningRate
+from rollback_rl.evaluation import reward_threshold
 from rollback_rl.tensorboard_layout import (
     OPTIMIZER_RESET_TAG,
     TARGET_UPDATE_INTERVAL_TAG,
@@ -85,12 +86,38 @@ class CoolLearningRate(ScaleLearningRate):
 
     :param factor: multiplier per rollback, in (0, 1]
     :param min_learning_rate: never cool below this learning rate
+    :param from_score: cool only after a rollback whose restored weights scored at least this (their fresh
+        check, or their snapshot's score in online mode); ``"reward_threshold"``: the evaluation env's
+        ``spec.reward_threshold`` (cool always where it has none). ``None``: cool after every rollback.
+        Cooling before the task is learned can freeze an agent at a mediocre level; this keeps the
+        cooling for weights worth consolidating.
     """
 
-    def __init__(self, factor: float = 0.1, min_learning_rate: float = 0.0, verbose: int = 0) -> None:
+    def __init__(self, factor: float = 0.1, min_learning_rate: float = 0.0,
+                 from_score: float | Literal["reward_threshold"] | None = None, verbose: int = 0) -> None:
         if not 0 < factor <= 1:
             raise ValueError(f"factor must be in (0, 1], got {factor!r}")
+        if isinstance(from_score, str) and from_score != "reward_threshold":
+            raise ValueError(f'from_score must be a number, "reward_threshold" or None, got {from_score!r}')
         super().__init__(factor, min_learning_rate, verbose=verbose)
+        self.from_score = from_score
+        self.skipped = 0  # rollbacks after which the rate was not cooled (restored weights below from_score)
+
+    def _threshold(self) -> float | None:
+        if self.from_score != "reward_threshold":
+            return self.from_score
+        env = getattr(self.parent, "eval_env", None)
+        return reward_threshold(env if env is not None else self.model.get_env())
+
+    def _on_step(self) -> bool:
+        threshold = self._threshold()
+        if threshold is not None:
+            event = _last_rollback(self)
+            restored = event.verified_score if event.verified_score is not None else event.restored_score
+            if restored < threshold:
+                self.skipped += 1
+                return True
+        return super()._on_step()
 
 
 class DropRecentTransitions(BaseCallback):

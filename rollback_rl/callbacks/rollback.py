@@ -23,7 +23,7 @@ from rollback_rl.core.detectors import CollapseDetector, Score, ScoreHistory
 from rollback_rl.core.policy import (Action, CheckSnapshot, KeptFinalWeights, PutBackCurrent, Rebase, RescoreSnapshot,
                                      Restore, RollbackEvent, RollbackPolicy, RolledBack, SetAside, TakeSnapshot)
 from rollback_rl.core.snapshots import NonFiniteStateError, Snapshot, SnapshotRing
-from rollback_rl.evaluation import EVAL_SEED_OFFSET, make_eval_env
+from rollback_rl.evaluation import EVAL_SEED_OFFSET, make_eval_env, reward_threshold
 from rollback_rl.sb3_state import sb3_training_state
 from rollback_rl.tensorboard_layout import (BASELINE_TAG, BEST_TAG, END_RESTORE_TAG, EVAL_TAG, EVAL_TIMESTEPS_TAG,
                                             EVENT_TAG, NONFINITE_SNAPSHOT_REFUSED_TAG, REBASES_TAG, REFERENCE_TAG,
@@ -49,16 +49,6 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
-
-
-def _reward_threshold(env: VecEnv | None) -> float | None:
-    """The task's ``reward_threshold`` from its gymnasium spec (CartPole-v1: 475), if it has one."""
-    try:
-        spec = env.get_attr("spec", indices=[0])[0] if env is not None else None
-    except (AttributeError, IndexError):
-        return None
-    threshold = getattr(spec, "reward_threshold", None)
-    return float(threshold) if threshold is not None else None
 
 
 def _metadata(snapshot: Snapshot | None) -> Score | None:
@@ -237,7 +227,7 @@ class RollbackCallback(EventCallback):
             self.ring = SnapshotRing(self.max_snapshots)
         self.policy.checks_restores = self.mode != "online"  # online mode cannot evaluate a restored snapshot
         if self.policy.solved_score is None:
-            self.policy.solved_score = _reward_threshold(self.training_env)
+            self.policy.solved_score = reward_threshold(self.training_env)
         if self.eval_env is not None and self.model.seed is not None:
             self.eval_env.seed(self.model.seed + EVAL_SEED_OFFSET)
 

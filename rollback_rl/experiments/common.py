@@ -35,7 +35,7 @@ import rollback_rl
 from rollback_rl.hyperparams import to_jsonable
 from rollback_rl.persistence.safe_io import atomic_write_bytes
 from rollback_rl.training import library_versions, machine_description
-from rollback_rl.validation import UsageError
+from rollback_rl.validation import MAX_SEED, UsageError, integer_in
 
 # -- the process pool -----------------------------------------------------------------------------
 
@@ -175,6 +175,26 @@ def comma_list(text: str, option: str) -> list[str]:
     if duplicates:
         raise UsageError(f"{option} names {', '.join(duplicates)} twice")
     return items
+
+
+MAX_SEEDS = 1_000  #: seeds of one task in one command (the protocol asks for 10 to 20)
+
+
+def seed_list(text: str, option: str = "--seed-list") -> list[int]:
+    """The seeds in ``--seed-list 100,101,...``: distinct integers from 0 to ``MAX_SEED``, at most ``MAX_SEEDS``.
+
+    :raises UsageError: naming the first problem
+    """
+    texts = comma_list(text, option)
+    if len(texts) > MAX_SEEDS:
+        raise UsageError(f"{option} names {len(texts):,} seeds, over the limit of {MAX_SEEDS:,} (MAX_SEEDS)")
+    try:
+        seeds = [integer_in(0, MAX_SEED, item, limit_name="MAX_SEED") for item in texts]
+    except ValueError as error:
+        raise UsageError(f"{option} must be integers >= 0 separated by commas: {error}") from None
+    if len(set(seeds)) < len(seeds):
+        raise UsageError(f"{option} names a seed twice: {text}")
+    return seeds
 
 
 def free_folder(path: str | Path) -> Path:

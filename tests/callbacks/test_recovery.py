@@ -68,6 +68,22 @@ def test_cool_learning_rate_stops_at_its_minimum():
     assert model.lr_schedule(0.5) == pytest.approx(5e-4)
 
 
+def test_cool_learning_rate_from_a_score_cools_only_after_restoring_weights_that_reach_it():
+    model = _trained_dqn(learning_rate=1e-3)  # CartPole-v1: reward_threshold 475
+    cool = CoolLearningRate(0.1, from_score="reward_threshold")
+    cool.init_callback(model)
+    for verified, restored, rate in ((300.0, 480.0, 1e-3),  # the fresh check decides: below 475, no cooling
+                                     (None, 300.0, 1e-3),  # online mode: the snapshot's score
+                                     (490.0, 300.0, 1e-4), (None, 475.0, 1e-5)):
+        event = SimpleNamespace(verified_score=verified, restored_score=restored)
+        cool.parent = SimpleNamespace(rollbacks=[event], eval_env=None)  # no eval env: the training env's spec
+        cool.on_step()
+        assert model.lr_schedule(0.5) == pytest.approx(rate)
+    assert cool.skipped == 2
+    with pytest.raises(ValueError, match="from_score"):
+        CoolLearningRate(from_score="solved")
+
+
 def test_drop_recent_transitions_rewinds_the_buffer_to_the_restored_snapshot():
     model = _trained_dqn(steps=600)
     # Called as inside collect_rollouts at timestep 600: 599 rows written; the snapshot of 400 saw 399.

@@ -10,7 +10,7 @@ import pytest
 
 import rollback_rl
 from rollback_rl.experiments import common
-from rollback_rl.experiments.common import comma_list, free_folder, json_text, provenance, run_in_pool, write_json
+from rollback_rl.experiments.common import comma_list, free_folder, json_text, provenance, run_in_pool, seed_list, write_json
 from rollback_rl.validation import UsageError
 
 JOBS = {"a": (7, 2), "zero": (1, 0), "b": (9, 4)}  # divmod(1, 0) raises ZeroDivisionError
@@ -78,6 +78,14 @@ def test_a_comma_list_refuses_nothing_or_a_name_twice(text, message):
 
 def test_a_comma_list_strips_blanks_and_keeps_the_order():
     assert comma_list(" b, a ,,c ", "--arms") == ["b", "a", "c"]
+
+
+def test_a_seed_list_keeps_the_order_and_refuses_what_is_not_a_seed():
+    assert seed_list("103, 100,101") == [103, 100, 101]
+    for text, message in (("1,01", "names a seed twice"), ("1,-2", "must be integers >= 0"),
+                          (",".join(map(str, range(1_001))), "MAX_SEEDS"), (" , ", "needs at least one name")):
+        with pytest.raises(UsageError, match=message):
+            seed_list(text, "--seed-list")
 
 
 def test_free_folder_never_names_an_existing_one(tmp_path):

@@ -281,12 +281,15 @@ def train_with_rollback(spec: RunSpec, params: dict[str, Any],
 
 
 def _train_with_rollback(spec: RunSpec, params: dict[str, Any], on_rollback: BaseCallback | str | None = "default",
+                         also: Callable[[RollbackCallback], BaseCallback] | None = None,
                          **options: Any) -> tuple[TrainingOutcome, RollbackCallback]:
+    """``also``: makes a callback that runs next to the ``RollbackCallback`` (given it) during ``learn()``."""
     model, eval_env = build_model(spec.task, RollbackDQN, params, spec.seed)  # as rollback-rl train builds it
     callback = rollback_callback_as_in_train(eval_env, spec.settings, on_rollback, **options)
     episodes = TrainingEpisodes()
+    callbacks = [callback, episodes] + ([also(callback)] if also is not None else [])
     started = time.perf_counter()
-    model.learn(total_timesteps=spec.settings.steps, callback=CallbackList([callback, episodes]))
+    model.learn(total_timesteps=spec.settings.steps, callback=CallbackList(callbacks))
     learn_seconds = time.perf_counter() - started
     return _rollback_outcome(model, params, callback, learn_seconds, episodes.episodes), callback
 
@@ -412,11 +415,12 @@ def adam_equal_betas(spec: RunSpec) -> ArmRecords:
 
 # -- recovery candidates (issue: recovery that sticks) and the hard control --------------------------
 
-def _candidate_records(spec: RunSpec, name: str, on_rollback: BaseCallback | str | None, **options: Any) -> ArmRecords:
+def _candidate_records(spec: RunSpec, name: str, on_rollback: BaseCallback | str | None,
+                       also: Callable[[RollbackCallback], BaseCallback] | None = None, **options: Any) -> ArmRecords:
     """One rollback run giving two arms: ``name`` (final weights after the end-of-training check) and
     ``name_no_end_check`` (the weights in place when training stopped, before that check)."""
     params = hyperparameters(spec)
-    outcome, callback = _train_with_rollback(spec, params, on_rollback, check_at_end=False, **options)
+    outcome, callback = _train_with_rollback(spec, params, on_rollback, also, check_at_end=False, **options)
     before = arm_record(spec, f"{name}_no_end_check", outcome,
                         policy_source="weights in place when learn() returned, before the end-of-training check")
     callback.check_end_of_training()
@@ -456,6 +460,40 @@ def recover_target(spec: RunSpec) -> ArmRecords:
 def recover_cool_drop(spec: RunSpec) -> ArmRecords:
     remedy = CallbackList([ResetOptimizer(), CoolLearningRate(0.1), DropRecentTransitions()])
     return _candidate_records(spec, "recover_cool_drop", remedy, max_restores=None)
+
+
+@_candidate("recover_cool_solved", "rollback, then Adam's state reset; the learning rate x0.1 for the rest of "
+                                   "training only after restoring weights that score at least the env's reward "
+                                   "threshold (again at each such rollback); no limit on restores")
+def recover_cool_solved(spec: RunSpec) -> ArmRecords:
+    remedy = CallbackList([ResetOptimizer(), CoolLearningRate(0.1, from_score="reward_threshold")])
+    return _candidate_records(spec, "recover_cool_solved", remedy, max_restores=None)
+
+
+class CoolOnSolvedEvaluation(BaseCallback):
+    """Multiply the learning rate by ``factor`` once, when a scheduled evaluation of ``rollback``
+    (the weights training produced) first reaches ``threshold``."""
+
+    def __init__(self, rollback: RollbackCallback, threshold: float, factor: float = 0.1) -> None:
+        super().__init__()
+        self.rollback, self.threshold, self.factor = rollback, threshold, factor
+        self.cooled_at: int | None = None
+
+    def _on_step(self) -> bool:
+        if self.cooled_at is None and self.rollback.scores and self.rollback.scores[-1].mean >= self.threshold:
+            self.model.lr_schedule = ScaledSchedule(self.model.lr_schedule, self.factor)
+            self.cooled_at = self.num_timesteps
+        return True
+
+
+@_candidate("recover_reset_cool_on_solve", "rollback, then Adam's state reset after each restore; the learning "
+                                           "rate x0.1 once, from the first evaluation >= the env's reward "
+                                           "threshold (the hard control's schedule); no limit on restores")
+def recover_reset_cool_on_solve(spec: RunSpec) -> ArmRecords:
+    threshold = gym.spec(spec.task).reward_threshold
+    level = float(threshold) if threshold is not None else float("inf")
+    return _candidate_records(spec, "recover_reset_cool_on_solve", ResetOptimizer(),
+                              also=lambda rollback: CoolOnSolvedEvaluation(rollback, level), max_restores=None)
 
 
 class CoolOnSolve(BaseCallback):

@@ -35,7 +35,7 @@ from rollback_rl.experiments.compare.arms import (
     hyperparameters,
     training_run_of,
 )
-from rollback_rl.experiments.common import comma_list, write_json
+from rollback_rl.experiments.common import MAX_SEEDS, comma_list, seed_list, write_json
 from rollback_rl.experiments.compare.backends import BACKENDS, BackendUnavailable, make_backend
 from rollback_rl.experiments.compare.records import RecordError, existing_record, load_records, record_path, write_record
 from rollback_rl.experiments.compare.report import markdown_table, plot_report, print_report, report_json, summarise
@@ -44,7 +44,6 @@ from rollback_rl.persistence.limits import one_line
 from rollback_rl.training import check_action_space, check_env_id
 from rollback_rl.validation import (
     MAX_EPISODES,
-    MAX_SEED,
     UsageError,
     check_output_folder,
     integer_in,
@@ -59,7 +58,6 @@ DEFAULT_RESULTS = "benchmarks/results"
 PROTOCOL_SEEDS = {"CartPole-v1": 20}  # docs/protocol.md: at least 20 seeds on CartPole-v1, 10 on the others
 OTHER_TASK_SEEDS = 10
 REPORT_FILES = ("report.json", "report.md", "report.png")
-MAX_SEEDS = 1_000  #: seeds of one task in one command (the protocol asks for 10 to 20)
 MAX_WORKERS = 1_024  #: runs at once
 #: The limit of each numeric option: (smallest, largest, the largest's name)
 OPTION_RANGES = {"steps": (1, MAX_TIMESTEPS, "MAX_TIMESTEPS"), "eval_freq": (1, MAX_TIMESTEPS, "MAX_TIMESTEPS"),
@@ -146,13 +144,7 @@ def _in_range(name: str, value: int | None) -> None:
 
 def _seeds(args: argparse.Namespace, tasks: list[str]) -> dict[str, list[int] | None]:
     if args.seed_list is not None:
-        texts = comma_list(args.seed_list, "--seed-list")
-        if len(texts) > MAX_SEEDS:
-            raise UsageError(f"--seed-list names {len(texts):,} seeds, over the limit of {MAX_SEEDS:,} (MAX_SEEDS)")
-        try:
-            seeds = [integer_in(0, MAX_SEED, text, limit_name="MAX_SEED") for text in texts]
-        except ValueError as error:
-            raise UsageError(f"--seed-list must be integers >= 0 separated by commas: {error}") from None
+        seeds = seed_list(args.seed_list)
         return {task: seeds for task in tasks}
     if args.seeds is not None:
         _in_range("seeds", args.seeds)

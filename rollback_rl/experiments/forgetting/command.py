@@ -2,7 +2,7 @@
 replay-buffer analysis of collapses on CartPole-v1.
 
     rollback-rl forgetting [--tasks default,reversed[,B...]] [--arms vanilla,rollback,task_bank,label_free_bank]
-                           [--buffer-sizes 10000,...] [--buffer-kinds fifo,...] [--seeds 5]
+                           [--buffer-sizes 10000,...] [--buffer-kinds fifo,...] [--seeds 5 | --seed-list S,...]
                            [--steps-per-task 30000,15000,15000] [--results DIR] [--report-only] [--workers N]
     rollback-rl forgetting --dose-response [--buffer-sizes 2500,5000,10000,25000,100000]
                            [--buffer-kinds fifo,reservoir,half] [--seeds 10] [--steps 50000] [--results DIR]
@@ -32,7 +32,7 @@ from stable_baselines3 import DQN
 
 from rollback_rl.buffers import BUFFER_KINDS
 from rollback_rl.envs import TASK_NAMES
-from rollback_rl.experiments.common import comma_list, default_workers, free_folder, provenance, write_json
+from rollback_rl.experiments.common import comma_list, default_workers, free_folder, provenance, seed_list, write_json
 from rollback_rl.experiments.forgetting import dose_response, experiment
 from rollback_rl.experiments.forgetting.experiment import ARMS, ForgettingSettings
 from rollback_rl.experiments.forgetting.figures import (plot_dose_response, plot_forgetting,
@@ -66,9 +66,13 @@ def add_forgetting_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     mode.add_argument("--stationary", action="store_true",
                       help="instead: vanilla DQN on CartPole-v1 over seeds, testing whether collapses follow a "
                            "replay buffer starved of failure transitions")
-    parser.add_argument("--seeds", type=int, metavar="N",
-                        help=f"seeds 0 to N-1 (default: {DEFAULT_SEEDS['a_b_a']}; with --dose-response or "
-                             f"--stationary: {DEFAULT_SEEDS['dose_response']})")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, metavar="N",
+                       help=f"seeds 0 to N-1 (default: {DEFAULT_SEEDS['a_b_a']}; with --dose-response or "
+                            f"--stationary: {DEFAULT_SEEDS['dose_response']})")
+    seeds.add_argument("--seed-list", metavar="S,...",
+                       help="these seeds, comma-separated (e.g. 100,101,102: evaluation seeds kept apart from the "
+                            "seeds 0-N used to choose settings)")
     parser.add_argument("--tasks", metavar="A,B[,B...]", default=",".join(DEFAULTS.tasks),
                         help=f"task A, then one or more tasks B, each run as A -> B -> A (default: "
                              f"{','.join(DEFAULTS.tasks)}; known: {', '.join(TASK_NAMES)})")
@@ -192,7 +196,7 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         if logdir.exists() and not logdir.is_dir():
             raise UsageError(f"--logdir {logdir} exists and is not a folder")
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        plan.update(seeds=list(range(args.seeds or DEFAULT_SEEDS["stationary"])),
+        plan.update(seeds=_seeds(args, "stationary"),
                     steps=args.steps or DOSE_DEFAULTS.steps, run_dir=free_folder(logdir / f"stationary-{stamp}"))
         return plan
     _refuse(args, "the A -> B -> A experiment or --dose-response",
@@ -211,7 +215,7 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         plan.update(settings=settings, folder=results / DOSE_RESPONSE,
                     sizes=_numbers(args.buffer_sizes, "--buffer-sizes", dose_response.DEFAULT_BUFFER_SIZES),
                     kinds=_kinds(args.buffer_kinds, tuple(BUFFER_KINDS)),
-                    seeds=list(range(args.seeds or DEFAULT_SEEDS["dose_response"])))
+                    seeds=_seeds(args, "dose_response"))
         return plan
     _refuse(args, "the A -> B -> A experiment (it takes --steps-per-task)", {"--steps": args.steps is not None})
     arms = comma_list(args.arms, "--arms")
@@ -233,8 +237,14 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(str(error).replace("phase_steps", "--steps-per-task").replace("eval_freq", "--eval-freq")
                          .replace("tasks must", "--tasks must").replace("buffer_size", "--buffer-sizes")) from None
     plan.update(cells=cells, arms=arms, tasks=tasks, sizes=sizes, kinds=kinds, folder=results / A_B_A,
-                seeds=list(range(args.seeds or DEFAULT_SEEDS["a_b_a"])))
+                seeds=_seeds(args, "a_b_a"))
     return plan
+
+
+def _seeds(args: argparse.Namespace, mode: str) -> list[int]:
+    if args.seed_list is not None:
+        return seed_list(args.seed_list)
+    return list(range(args.seeds or DEFAULT_SEEDS[mode]))
 
 
 def _phase_steps(text: str | None) -> tuple[int, int, int]:

@@ -93,8 +93,10 @@ ARMS: dict[str, str] = {
                        "weights of earlier regimes and keeps the best if clearly better)",
 }
 # metric -> which direction is better
-METRICS: dict[str, str] = {"forgetting": "lower", "relearn_steps": "lower", "average_score": "higher",
-                           "online_return": "higher", "final_score_a": "higher"}
+METRICS: dict[str, str] = {"forgetting": "lower", "relearn_steps": "lower", "adapt_b_steps": "lower",
+                           "average_score": "higher", "online_return": "higher", "final_score_a": "higher"}
+#: ``adapt_b_steps`` counts up to this fraction of the same seed's vanilla level on B at the end of B
+ADAPT_FRACTION = 0.9
 REFERENCE_ARMS = ("vanilla", "task_bank")  # every other arm is compared with each, paired over seeds
 COUNTS = ("rollbacks", "rebases", "bank_restores", "rollbacks_after_switches")
 
@@ -367,6 +369,36 @@ def record_metrics(record: Mapping[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def adaptation_steps(timesteps: Sequence[int], scores_b: Sequence[float], settings: ForgettingSettings,
+                     target: float) -> tuple[float, bool]:
+    """Steps from the switch to B until the first evaluation on B at ``target`` or above, and whether the
+    count is censored (never reached during B: then the length of B).
+
+    With ``target`` 90% of vanilla's level on B at the end of B (same seed), this is the non-stationary
+    check of docs/protocol.md: recovery must not slow adaptation to a changed task.
+    """
+    b_starts, a_returns = settings.switches
+    reached = [t for t, s in zip(timesteps, scores_b) if b_starts < t <= a_returns and s >= target]
+    return float((reached[0] if reached else a_returns) - b_starts), not reached
+
+
+def add_adaptation(per_seed: Mapping[str, dict[int, dict[str, Any]]], records: Sequence[Mapping[str, Any]],
+                   reference: str = "vanilla") -> None:
+    """Put ``adapt_b_steps`` (and ``adapt_b_censored``) into every run's metrics: steps to reach
+    ``ADAPT_FRACTION`` of ``reference``'s level on B at the end of B in the same seed; ``None`` where that
+    seed has no ``reference`` run."""
+    for record in records:
+        metrics = per_seed[record["arm"]][int(record["seed"])]
+        vanilla = per_seed.get(reference, {}).get(int(record["seed"]))
+        metrics["adapt_b_steps"], metrics["adapt_b_censored"] = None, False
+        if vanilla is not None:
+            settings = settings_from_dict(record["settings"])
+            b = settings.task_b
+            target = ADAPT_FRACTION * vanilla["score_b_end_of_b"]
+            metrics["adapt_b_steps"], metrics["adapt_b_censored"] = adaptation_steps(
+                record["timesteps"], record["scores"][b], settings, target)
+
+
 def settings_from_dict(values: Mapping[str, Any]) -> ForgettingSettings:
     values = dict(values)
     values["tasks"] = tuple(values["tasks"])
@@ -382,21 +414,23 @@ def summarise(per_seed: Mapping[str, Mapping[int, Mapping[str, Any]]], reference
     """Per arm and metric: the values over seeds, their mean and IQM with 95% bootstrap intervals, and the
     paired difference from each reference arm over the seeds both have (``minus_<reference>``).
 
-    :param per_seed: arm to seed to ``record_metrics``
+    :param per_seed: arm to seed to ``record_metrics`` (with ``adapt_b_steps`` from :func:`add_adaptation`;
+        a metric a run lacks counts as undefined)
     """
     summary: dict[str, Any] = {}
     for arm, by_seed in per_seed.items():
         arm_summary: dict[str, Any] = {"seeds": sorted(by_seed)}
         for metric, better in METRICS.items():
-            entry = describe({seed: m[metric] for seed, m in by_seed.items()}, resamples)
-            if metric == "relearn_steps":
-                entry["censored"] = sum(1 for m in by_seed.values() if m["relearn_censored"])
+            entry = describe({seed: m.get(metric) for seed, m in by_seed.items()}, resamples)
+            if metric in ("relearn_steps", "adapt_b_steps"):
+                flag = metric.replace("_steps", "_censored")
+                entry["censored"] = sum(1 for m in by_seed.values() if m.get(flag))
             for index, reference in enumerate(references):
                 # task_bank - vanilla is given; vanilla - task_bank would only repeat it negated.
                 if reference in per_seed and arm != reference and arm not in references[:index]:
                     entry[f"minus_{reference}"] = paired_difference(
-                        {seed: m[metric] for seed, m in by_seed.items()},
-                        {seed: m[metric] for seed, m in per_seed[reference].items()}, better, resamples)
+                        {seed: m.get(metric) for seed, m in by_seed.items()},
+                        {seed: m.get(metric) for seed, m in per_seed[reference].items()}, better, resamples)
             arm_summary[metric] = entry
         for count in COUNTS:
             arm_summary[count] = [by_seed[s][count] for s in sorted(by_seed)]
@@ -429,6 +463,7 @@ def report(records: Sequence[Mapping[str, Any]], resamples: int = BOOTSTRAP_RESA
         per_seed: dict[str, dict[int, dict[str, Any]]] = {}
         for record in cell_records:
             per_seed.setdefault(record["arm"], {})[int(record["seed"])] = record_metrics(record)
+        add_adaptation(per_seed, cell_records)
         arms = {arm: per_seed[arm] for arm in ARMS if arm in per_seed}
         cells.append({"cell": cell, "settings": cell_records[0]["settings"],
                       "arms": {arm: ARMS[arm] for arm in arms},
@@ -461,18 +496,21 @@ def markdown(result: Mapping[str, Any]) -> str:
     lines = ["# A -> B -> A forgetting", "",
              "Mean [95% bootstrap interval over seeds]. Relearn: steps from the return of A to the first evaluation "
              "at 90% of A's level before the switch (censored at the end of the run; undefined where A was never "
-             "learned).", ""]
+             "learned). Adapt to B: steps from the switch to B to the first evaluation on B at 90% of vanilla's level on B "
+             "at the end of B in the same seed (censored at the end of B).", ""]
     for cell in result["cells"]:
         settings = cell["settings"]
         a, b = settings["tasks"]
         lines += [f"## {a} -> {b} -> {a}, {settings.get('buffer_kind', 'fifo')} buffer of {settings['buffer_size']:,} "
                   f"(phases {', '.join(f'{n:,}' for n in settings['phase_steps'])} steps)", "",
-                  "| arm | seeds | forgetting | relearn steps | censored / undefined | average score | online return | "
-                  "final score on A | bank restores | rebases |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| arm | seeds | forgetting | relearn steps | censored / undefined | adapt to B (steps) | censored | "
+                  "average score | online return | final score on A | bank restores | rebases |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm, s in cell["summary"].items():
             relearn = s["relearn_steps"]
             lines.append(f"| {arm} | {len(s['seeds'])} | {_interval_text(s['forgetting'].get('mean'))} | "
                          f"{_interval_text(relearn.get('mean'))} | {relearn['censored']} / {relearn['undefined']} | "
+                         f"{_interval_text(s['adapt_b_steps'].get('mean'))} | {s['adapt_b_steps']['censored']} | "
                          f"{_interval_text(s['average_score'].get('mean'))} | "
                          f"{_interval_text(s['online_return'].get('mean'), 1)} | "
                          f"{_interval_text(s['final_score_a'].get('mean'))} | {sum(s['bank_restores'])} | "

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from stable_baselines3 import DQN
 
 from rollback_rl.evaluation import FINAL_SEED_OFFSET
 from rollback_rl.experiments.compare import backends, report
+from rollback_rl.experiments.compare.arms import CoolOnSolvedEvaluation
 from rollback_rl.experiments.compare.backends import BackendUnavailable, make_backend
 from rollback_rl.experiments.compare.command import add_compare_arguments, run_compare
 from rollback_rl.experiments.compare.records import read_record, record_path
@@ -228,3 +231,17 @@ def test_in_place_curve_replaces_each_collapsed_score_by_the_restored_weights_ch
     assert report.in_place_curve_area(record, 0.0, 500.0) == pytest.approx(
         normalised_area_under_curve([100, 200, 300, 400, 450], [50.0, 500.0, 490.0, 480.0, 495.0], 0.0, 500.0))
     assert report.in_place_curve_area(record, 0.0, 500.0) > report.eval_curve_area(record, 0.0, 500.0)
+
+
+def test_the_cool_on_solve_candidate_cools_once_at_the_first_solved_evaluation():
+    model = DQN("MlpPolicy", "CartPole-v1", learning_rate=1e-3, policy_kwargs=dict(net_arch=[8]))
+    rollback = SimpleNamespace(scores=[SimpleNamespace(mean=470.0)])
+    cool = CoolOnSolvedEvaluation(rollback, threshold=475.0)
+    cool.init_callback(model)
+    cool.on_step()
+    assert model.lr_schedule(1.0) == pytest.approx(1e-3) and cool.cooled_at is None
+    rollback.scores.append(SimpleNamespace(mean=475.0))
+    cool.on_step()
+    rollback.scores.append(SimpleNamespace(mean=500.0))
+    cool.on_step()  # once only
+    assert model.lr_schedule(1.0) == pytest.approx(1e-4) and cool.cooled_at == 0

@@ -17,7 +17,7 @@ from rollback_rl.envs import SWITCHING_CARTPOLE_ID
 from rollback_rl.callbacks.bank import TaskSnapshotBank
 from rollback_rl.experiments.forgetting.command import add_forgetting_arguments, run_forgetting, write_a_b_a_report
 from rollback_rl.experiments.forgetting.experiment import ForgettingSettings, _EvaluateTheTaskTrainedOn, markdown, \
-    plan_runs, record_path, report, seed_metrics, summarise
+    adaptation_steps, plan_runs, record_path, report, seed_metrics, summarise
 from rollback_rl.experiments.forgetting.records import write_record
 from rollback_rl.experiments.forgetting.stationary import analyse, label_moments
 
@@ -136,6 +136,13 @@ def test_relearning_is_censored_when_never_reached_and_undefined_when_a_was_neve
     assert unlearned["relearn_steps"] is None
 
 
+def test_adaptation_to_b_counts_steps_to_a_target_within_phase_b_only():
+    b = [480, 9, 9, 9, 100, 300, 450, 480, 500, 500, 500, 500]  # 480 before B and 500 after B do not count
+    assert adaptation_steps(TIMESTEPS, b, SETTINGS, target=432) == (750, False)  # 450 at 1,750
+    assert adaptation_steps(TIMESTEPS, b, SETTINGS, target=480) == (1_000, False)  # 480 at 2,000, B's last
+    assert adaptation_steps(TIMESTEPS, b, SETTINGS, target=490) == (1_000, True)  # never during B: censored
+
+
 def test_summary_gives_intervals_over_seeds_and_pairs_every_arm_with_vanilla_and_the_task_bank():
     def metrics(forgetting, relearn):
         return dict(forgetting=forgetting, relearn_steps=relearn, relearn_censored=False, average_score=1.0,
@@ -172,12 +179,12 @@ def test_a_buffer_that_never_evicts_is_run_once_with_the_fifo(tmp_path):
     assert all(run.arguments[2].buffer_kind == run.path.parts[-3].split("-")[0] for run in plan.values())
 
 
-def hand_made_record(arm, seed, a_scores, kind="fifo", size=10_000):
+def hand_made_record(arm, seed, a_scores, kind="fifo", size=10_000, b_scores=(9.0,) * 12):
     """An A -> B -> A record as ``run_arm`` writes it (phases of 1,000 steps, an evaluation every 250)."""
     settings = ForgettingSettings(phase_steps=(1_000, 1_000, 1_000), eval_freq=250, level_window=1, buffer_kind=kind,
                                   buffer_size=size)
     record = {"experiment": "a_b_a", "arm": arm, "seed": seed, "settings": json.loads(json.dumps(settings.__dict__)),
-              "timesteps": TIMESTEPS, "scores": {"default": list(a_scores), "reversed": [9.0] * 12},
+              "timesteps": TIMESTEPS, "scores": {"default": list(a_scores), "reversed": list(b_scores)},
               "buffer": {"timesteps": TIMESTEPS, "transitions": [250 * (k + 1) for k in range(12)],
                          "failures": [5] * 12},
               "final_returns_a": [500.0], "online_return": 100.0 + seed, "rollbacks": [], "rebases": 0,
@@ -191,9 +198,13 @@ A_FORGOTTEN = [100, 300, 450, 500, 400, 200, 150, 100]  # 500 at the switch, 100
 def test_report_from_hand_made_records_pairs_seeds_and_draws_forgetting_against_the_buffer(tmp_path):
     folder = tmp_path / "a_b_a"
     relearn_at = {"vanilla": [460, 480, 500, 500], "label_free_bank": [200, 480, 500, 500]}  # from 2,250 on
+    # Vanilla's level on B at its end (2,000) is 200, 350, 500 in seeds 0-2: 90% of it is 180, 315, 450.
+    # label_free_bank reaches 400 at 1,500 (500 steps into B), which is short of 450 in seed 2: censored.
+    b_curves = {"vanilla": lambda seed: [9] * 4 + [50, 100, 150, 200 + 150 * seed] + [9] * 4,
+                "label_free_bank": lambda seed: [9] * 4 + [50, 400, 9, 9] + [9] * 4}
     for seed in range(3):
         for arm, after in relearn_at.items():
-            settings, record = hand_made_record(arm, seed, A_FORGOTTEN + after)
+            settings, record = hand_made_record(arm, seed, A_FORGOTTEN + after, b_scores=b_curves[arm](seed))
             write_record(record_path(folder, settings, arm, seed), record)
         settings, record = hand_made_record("vanilla", seed, A_FORGOTTEN + [100, 100, 460, 500], kind="reservoir")
         write_record(record_path(folder, settings, "vanilla", seed), record)
@@ -208,7 +219,13 @@ def test_report_from_hand_made_records_pairs_seeds_and_draws_forgetting_against_
     assert paired["mean_difference"]["estimate"] == 250 and paired["losses"] == 3
     assert paired["ratio_of_means"]["estimate"] == 2
     assert fifo["vanilla"]["forgetting"]["mean"]["estimate"] == 400
-    assert result["cells"][1]["summary"]["vanilla"]["relearn_steps"]["mean"]["estimate"] == 750
+    assert fifo["vanilla"]["adapt_b_steps"]["values"] == {"0": 1_000.0, "1": 1_000.0, "2": 1_000.0}
+    adapt = fifo["label_free_bank"]["adapt_b_steps"]
+    assert adapt["values"] == {"0": 500.0, "1": 500.0, "2": 1_000.0} and adapt["censored"] == 1
+    paired = adapt["minus_vanilla"]
+    assert (paired["wins"], paired["ties"], paired["losses"]) == (2, 1, 0)
+    # The reservoir cell's vanilla stays at 9 on B: 90% of its own level is reached at the first evaluation.
+    assert result["cells"][1]["summary"]["vanilla"]["adapt_b_steps"]["values"] == {"0": 250.0, "1": 250.0, "2": 250.0}
     assert "| relearn_steps | label_free_bank - vanilla | 3 |" in markdown(result)
 
     written = write_a_b_a_report(folder)
@@ -330,6 +347,8 @@ def test_stationary_analysis_runs_end_to_end(tmp_path):
     (["--set", "learning_rat=1"], "did you mean 'learning_rate'"),
     (["--steps", "1000"], "--steps is not for the A -> B -> A experiment"),
     (["--report-only"], "no records under"),
+    (["--seed-list", "100,x"], "--seed-list must be integers >= 0"),
+    (["--dose-response", "--seed-list", "100,101,100"], "--seed-list names 100 twice"),
     (["--dose-response", "--tasks", "default,long_pole"], "--tasks is not for --dose-response"),
     (["--dose-response", "--steps-per-task", "100"], "--steps-per-task is not for --dose-response"),
     (["--dose-response", "--buffer-kinds", "reservoir,fifo,reservoir"], "--buffer-kinds names reservoir twice"),
