@@ -144,6 +144,10 @@ def install_pause(phase: str, marker: Path) -> None:
 
 def child_main(argv: list[str], log: str, progress, pause: str | None, marker: str) -> None:
     sys.stdout = sys.stderr = open(log, "a", buffering=1)  # noqa: SIM115 - the child ends with os._exit
+    # A forked child inherits the test process's signal handlers, which other tests or plugins may have
+    # changed (Ctrl-C then never stopped training); a real rollback-rl process starts with the defaults.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run_training = cli.run_training
     cli.run_training = lambda session, *args, extra_callbacks=(), **kwargs: run_training(
         session, *args, extra_callbacks=[*extra_callbacks, ReportProgress(progress)], **kwargs)
