@@ -59,14 +59,7 @@ def run_in_pool(function: Callable[..., Any], jobs: Mapping[Hashable, tuple[Any,
     """
     if workers <= 1:
         for key, arguments in jobs.items():
-            try:
-                result = function(*arguments)
-            except Exception as error:  # noqa: BLE001 - one failed run must not stop the others
-                if on_failed is None:
-                    raise
-                on_failed(key, error)
-            else:
-                on_done(key, result)
+            _deliver(key, lambda: function(*arguments), on_done, on_failed)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)) or 1, mp_context=context) as pool:
@@ -76,15 +69,7 @@ def run_in_pool(function: Callable[..., Any], jobs: Mapping[Hashable, tuple[Any,
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    key = pending.pop(future)
-                    try:
-                        result = future.result()
-                    except Exception as error:  # noqa: BLE001 - one failed run must not stop the others
-                        if on_failed is None:
-                            raise
-                        on_failed(key, error)
-                    else:
-                        on_done(key, result)
+                    _deliver(pending.pop(future), future.result, on_done, on_failed)
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -92,6 +77,19 @@ def run_in_pool(function: Callable[..., Any], jobs: Mapping[Hashable, tuple[Any,
 
 
 # -- provenance -----------------------------------------------------------------------------------
+
+
+def _deliver(key: Hashable, result: Callable[[], Any], on_done: Callable[[Hashable, Any], Any],
+             on_failed: Callable[[Hashable, BaseException], Any] | None) -> None:
+    """Hand ``result()`` to ``on_done``, or its exception to ``on_failed`` (re-raised without one)."""
+    try:
+        value = result()
+    except Exception as error:  # noqa: BLE001 - one failed run must not stop the others
+        if on_failed is None:
+            raise
+        on_failed(key, error)
+    else:
+        on_done(key, value)
 
 
 def git_provenance() -> dict[str, Any]:
