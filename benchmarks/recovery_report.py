@@ -21,7 +21,7 @@ from rollback_rl.experiments.compare.records import read_record
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
-    parser.add_argument("--references", default="vanilla,best_model,control_cool_on_solve,rollback")
+    parser.add_argument("--references", default="vanilla,best_model,control_cool_on_solve,rollback_v02")
     parser.add_argument("--task", default="CartPole-v1")
     args = parser.parse_args()
     folder = args.results / args.task.replace("/", "_")

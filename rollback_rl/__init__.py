@@ -4,4 +4,4 @@ The core modules (``snapshots``, ``detectors``, ``undo``) do not import Stable-B
 ``callbacks`` and ``agents`` hold the SB3 glue, ``envs`` the non-stationary environments.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -176,11 +176,14 @@ def _add_train_command(commands: argparse._SubParsersAction) -> None:
                              "(best minus lowest score) and significantly (default: 0.5)")
     parser.add_argument("--patience", type=_plan_option("patience"), default=1, metavar="N",
                         help="evaluations in a row that must show the drop (default: 1)")
-    parser.add_argument("--max-restores", type=_plan_option("max_restores"), default=0, metavar="N",
+    parser.add_argument("--max-restores", type=_plan_option("max_restores"), default=2, metavar="N",
                         help="restores of one snapshot after which the next collapse from it keeps the current "
                              "weights (the snapshot comes back if the weights fall to the floor, and at the end if "
-                             "still better); 0 = no limit, the default: each rollback resets Adam and cuts the "
-                             "learning rate to a tenth instead")
+                             "still better); 0 = no limit (default: 2)")
+    parser.add_argument("--cool-on-solve", type=_plan_option("cool_on_solve"), default=0.1, metavar="FACTOR",
+                        help="multiply the learning rate by FACTOR once, at the first evaluation that reaches the "
+                             "task's reward threshold (475 on CartPole-v1), so that solved weights are consolidated; "
+                             "1 = never, as rollback-rl 0.2 (default: 0.1)")
     parser.add_argument("--checkpoint-freq", type=_plan_option("checkpoint_freq"), default=DEFAULT_CHECKPOINT_FREQ,
                         metavar="N",
                         help=f"training timesteps between durable checkpoints, for --resume; 0: none "
@@ -329,6 +332,7 @@ def plan_training(args: argparse.Namespace) -> TrainingPlan:
                         steps=steps, eval_freq=eval_freq, eval_episodes=args.eval_episodes, hyperparameters=params,
                         hyperparameter_sources=sources, run_dir=run_dir, drop=args.drop,
                         patience=args.patience, max_restores=args.max_restores or None,  # --max-restores 0: no limit
+                        cool_on_solve=None if args.cool_on_solve == 1 else args.cool_on_solve,
                         checkpoint_freq=args.checkpoint_freq, checkpoint_replay_buffer=args.checkpoint_replay_buffer,
                         command=[PROG, *args.argv], number_if_taken=number_if_taken)
 

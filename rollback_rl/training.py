@@ -206,7 +206,7 @@ def plan_setting(name: str, value: Any) -> Any:
     if name in PLAN_INTEGER_RANGES:
         minimum, maximum, limit_name = PLAN_INTEGER_RANGES[name]
         return integer_in(minimum, maximum, value, limit_name=limit_name)
-    if name == "drop":
+    if name in ("drop", "cool_on_solve"):
         try:
             number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
         except (ValueError, OverflowError):
@@ -256,6 +256,8 @@ class TrainingPlan:
     :param patience: evaluations in a row that must show the drop
     :param max_restores: restores of one snapshot before the next collapse from it keeps the current
         weights; ``None``: no limit
+    :param cool_on_solve: ``RollbackCallback(cool_on_solve=...)``: the learning rate times this from the first
+        evaluation at the task's reward threshold; ``None``: never
     :param checkpoint_freq: training timesteps between durable checkpoints; 0: none
     :param command: the command line that made the plan, as run.json records it
     :param number_if_taken: if ``run_dir`` exists when the run starts, use ``<run_dir>-2``, ``-3``...
@@ -275,7 +277,8 @@ class TrainingPlan:
     run_dir: Path
     drop: float = 0.5
     patience: int = 1
-    max_restores: int | None = None
+    max_restores: int | None = 2
+    cool_on_solve: float | None = 0.1
     checkpoint_freq: int = DEFAULT_CHECKPOINT_FREQ
     checkpoint_replay_buffer: bool = False
     command: list[str] = field(default_factory=list)
@@ -297,7 +300,7 @@ class TrainingPlan:
         """
         if not isinstance(values, Mapping):
             raise UsageError(f"{source}: not a mapping of settings")
-        missing = [name for name in _PLAN_JSON_FIELDS if name not in values and name != "max_restores"]
+        missing = [name for name in _PLAN_JSON_FIELDS if name not in values and name not in _PLAN_FIELDS_ADDED_LATER]
         if missing:
             raise UsageError(f"{source}: no {missing[0]}")
         checked: dict[str, Any] = {}
@@ -308,11 +311,14 @@ class TrainingPlan:
             if name == "max_restores":
                 # No limit was 0 before 0.2 spelled it None, and runs started by 0.1 stored no limit at all.
                 value = 0 if value is None else value
+            if name == "cool_on_solve" and value is None:
+                value = 1.0  # never; and runs started before 0.4.0 (no such setting) resume as they started
             try:
                 checked[name] = plan_setting(name, value)
             except ValueError as error:
                 raise UsageError(f"{source}: {name} {error}") from None
         checked["max_restores"] = checked["max_restores"] or None
+        checked["cool_on_solve"] = None if checked["cool_on_solve"] == 1 else checked["cool_on_solve"]
         algorithm = algorithm_for(checked["algo"], checked["rollback"])
         hyperparameters = values["hyperparameters"]
         if not isinstance(hyperparameters, Mapping):
@@ -327,8 +333,9 @@ class TrainingPlan:
 
 
 _PLAN_JSON_FIELDS = ("env_id", "algo", "rollback", "seed", "steps", "eval_freq", "eval_episodes", "hyperparameters",
-                     "hyperparameter_sources", "drop", "patience", "max_restores", "checkpoint_freq", "checkpoint_replay_buffer",
+                     "hyperparameter_sources", "drop", "patience", "max_restores", "cool_on_solve", "checkpoint_freq", "checkpoint_replay_buffer",
                      "command")
+_PLAN_FIELDS_ADDED_LATER = ("max_restores", "cool_on_solve")  # a stored plan may lack them
 
 
 def resolve_hyperparameters(env_id: str, algo: str, algorithm: type[BaseAlgorithm], hyperparams_file: str | None = None,
@@ -620,7 +627,7 @@ def evaluation_callback(plan: TrainingPlan, model: BaseAlgorithm, eval_env: VecE
     if plan.rollback:
         detector = SignificantDrop(drop=plan.drop, patience=plan.patience)
         return RollbackCallback(eval_env, eval_freq=plan.eval_freq, n_eval_episodes=plan.eval_episodes,
-                                detector=detector, max_restores=plan.max_restores,
+                                detector=detector, max_restores=plan.max_restores, cool_on_solve=plan.cool_on_solve,
                                 verbose=2 if verbose >= 2 else 1)
     # Same schedule as RollbackCallback's (which counts timesteps summed over envs); EvalCallback counts calls.
     return EvalCallback(eval_env, n_eval_episodes=plan.eval_episodes, eval_freq=max(plan.eval_freq // model.n_envs, 1),
@@ -808,7 +815,7 @@ def run_info(session: TrainingSession, callback: BaseCallback, wall_time: float,
         "eval_episodes": plan.eval_episodes,
         "eval_seed": plan.seed + EVAL_SEED_OFFSET,
         "detector": ({"name": "SignificantDrop", "drop": plan.drop, "patience": plan.patience,
-                      "max_restores": plan.max_restores}
+                      "max_restores": plan.max_restores, "cool_on_solve": plan.cool_on_solve}
                      if plan.rollback else None),
         "hyperparameters": to_jsonable(plan.hyperparameters),
         "hyperparameter_sources": plan.hyperparameter_sources,

@@ -14,6 +14,7 @@ import pytest
 from stable_baselines3 import DQN
 
 from rollback_rl.agents import RollbackDQN
+from rollback_rl.callbacks import RollbackCallback
 from rollback_rl.evaluation import EVAL_SEED_OFFSET
 from rollback_rl.hyperparams import MAX_TIMESTEPS
 from rollback_rl.training import (
@@ -23,6 +24,7 @@ from rollback_rl.training import (
     check_action_space,
     check_env_id,
     create_run_folder,
+    evaluation_callback,
     plan_setting,
     resolve_hyperparameters,
     run_is_complete,
@@ -41,7 +43,7 @@ def plan(**changes) -> TrainingPlan:
 
 
 def test_a_plan_comes_back_from_its_checkpoint_json():
-    original = plan(max_restores=None, command=["rollback-rl", "train"])
+    original = plan(max_restores=None, cool_on_solve=None, command=["rollback-rl", "train"])
     restored = TrainingPlan.from_json(original.to_json(), Path("elsewhere"))
     assert restored.to_json() == original.to_json() and restored.max_restores is None
     assert restored.algorithm is RollbackDQN and restored.run_dir == Path("elsewhere")
@@ -52,6 +54,25 @@ def test_a_plan_comes_back_from_its_checkpoint_json():
 def test_older_checkpoints_without_a_restore_limit_resume_with_none(stored):
     values = {key: value for key, value in plan().to_json().items() if key != "max_restores"}
     assert TrainingPlan.from_json({**values, **stored}, Path(".")).max_restores is None
+
+
+def test_checkpoints_without_cool_on_solve_resume_as_they_started_and_a_bad_factor_is_refused():
+    values = {key: value for key, value in plan().to_json().items() if key != "cool_on_solve"}
+    assert plan().cool_on_solve == 0.1
+    assert TrainingPlan.from_json(values, Path(".")).cool_on_solve is None  # made before 0.4.0: no such cooling
+    assert TrainingPlan.from_json({**values, "cool_on_solve": 0.5}, Path(".")).cool_on_solve == 0.5
+    with pytest.raises(UsageError, match=r"cool_on_solve must be a fraction in \(0, 1\], got 2"):
+        TrainingPlan.from_json({**values, "cool_on_solve": 2}, Path("."))
+
+
+@pytest.mark.parametrize(("changes", "max_restores", "cool_on_solve"), [({}, 2, 0.1),
+                                                                        ({"max_restores": None, "cool_on_solve": None},
+                                                                         None, None)])
+def test_the_plans_rollback_settings_reach_the_rollback_callback(changes, max_restores, cool_on_solve):
+    model, eval_env = build_model("CartPole-v1", RollbackDQN, plan().hyperparameters, seed=3)
+    callback = evaluation_callback(plan(**changes), model, eval_env)
+    assert isinstance(callback, RollbackCallback) and callback.callback is None  # no remedy after a restore
+    assert callback.policy.max_restores == max_restores and callback.cool_on_solve == cool_on_solve
 
 
 def test_hyperparameters_are_the_zoo_defaults_then_the_file_then_set(tmp_path):
@@ -133,7 +154,7 @@ def test_a_plan_missing_a_setting_is_refused_by_name():
 
 @pytest.mark.parametrize(("name", "text", "value"), [("steps", "5_000", 5_000), ("seed", "0", 0),
                                                      ("drop", "0.25", 0.25), ("max_restores", "0", 0),
-                                                     ("checkpoint_freq", "0", 0)])
+                                                     ("checkpoint_freq", "0", 0), ("cool_on_solve", "0.5", 0.5)])
 def test_plan_settings_accept_what_the_command_line_types(name, text, value):
     assert plan_setting(name, text) == value
 

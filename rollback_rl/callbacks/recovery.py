@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from stable_baselines3.common.buffers import ReplayBuffer
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.callbacks import BaseCallback
 
 from rollback_rl.buffers import FifoReplayBuffer
 from rollback_rl.callbacks.schedules import ScaleLearningRate
@@ -177,9 +177,3 @@ class SlowTargetUpdates(BaseCallback):
         self.logger.record(TARGET_UPDATE_INTERVAL_TAG, self.model.target_update_interval)
         return True
 
-
-def default_recovery() -> CallbackList:
-    """What ``RollbackCallback`` runs after each restore unless told otherwise: ``ResetOptimizer()`` then
-    ``CoolLearningRate(0.1)``. Chosen on tuning seeds 0-4 of CartPole-v1 among the remedies above
-    (docs/protocol.md, "Pre-registered experiments"; records in benchmarks/results/recovery_tuning/)."""
-    return CallbackList([ResetOptimizer(), CoolLearningRate(0.1)])

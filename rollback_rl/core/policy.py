@@ -144,10 +144,13 @@ class SetAside:
 
 @dataclass(frozen=True)
 class Rebase:
-    """No rollback: the policy made ``reference`` the score to hold from now on, for ``reason``."""
+    """No rollback: the policy made ``reference`` the score to hold from now on, for ``reason``.
+    ``snapshot_failed``: because the snapshot, evaluated afresh, was no better than the collapsed weights
+    (what it had learned no longer holds, e.g. the environment changed)."""
 
     reason: str
     reference: float
+    snapshot_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -298,7 +301,7 @@ class RollbackPolicy:
                 rescored = Score(snapshot.timestep, fresh.mean, fresh.episode_returns)
                 return [PutBackCurrent(), RescoreSnapshot(snapshot.timestep, rescored, set_aside=True),
                         Rebase(f"the snapshot of timestep {snapshot.timestep} set aside earlier now scores "
-                               f"{fresh.mean:.2f}", self.history.best)]
+                               f"{fresh.mean:.2f}", self.history.best, snapshot_failed=True)]
             # It becomes the newest good snapshot again (a copy at this timestep), so later collapses fall back to it.
             event = self._restored(check.trigger, snapshot, check.restores, verified=fresh.mean)
             self.history.observe(fresh)
@@ -307,7 +310,7 @@ class RollbackPolicy:
             rescored = Score(snapshot.timestep, fresh.mean, fresh.episode_returns)
             return [PutBackCurrent(), RescoreSnapshot(snapshot.timestep, rescored),
                     *self._rebase(check.trigger, f"the snapshot of timestep {snapshot.timestep} now scores "
-                                                 f"{fresh.mean:.2f}", new_reference=fresh)]
+                                                 f"{fresh.mean:.2f}", new_reference=fresh, snapshot_failed=True)]
         # Both evaluations of the snapshot inform the next comparison (less biased than the best one alone).
         pooled = np.concatenate([snapshot.episode_returns if snapshot.episode_returns is not None else [snapshot.mean],
                                  fresh.episode_returns if fresh.episode_returns is not None else [fresh.mean]])
@@ -353,11 +356,12 @@ class RollbackPolicy:
         self.rollbacks.append(event)
         return event
 
-    def _rebase(self, score: Score, reason: str, new_reference: Score | None = None) -> list[Action]:
+    def _rebase(self, score: Score, reason: str, new_reference: Score | None = None,
+                snapshot_failed: bool = False) -> list[Action]:
         """No rollback: take ``new_reference`` (default: ``score``) as the level to hold from now on."""
         self.rebases += 1
         self.history.rebase(new_reference if new_reference is not None else score)
-        actions: list[Action] = [Rebase(reason, self.history.best)]
+        actions: list[Action] = [Rebase(reason, self.history.best, snapshot_failed)]
         if self.history.is_good(score):
             actions.append(TakeSnapshot(score))
         self.detector.reset()

@@ -9,7 +9,7 @@ import torch
 from stable_baselines3 import DQN, PPO
 from stable_baselines3.common.callbacks import CallbackList
 
-from helpers import CARTPOLE_BALANCER, ScrambleAt, linear_dqn
+from helpers import CARTPOLE_BALANCER, CARTPOLE_WOBBLER, ScrambleAt, linear_dqn
 from rollback_rl.buffers import ReservoirReplayBuffer
 from rollback_rl.callbacks import RollbackCallback
 from rollback_rl.callbacks.recovery import CoolLearningRate, DropRecentTransitions, ResetOptimizer, SlowTargetUpdates
@@ -125,7 +125,7 @@ def test_slow_target_updates_multiplies_the_interval_up_to_its_cap():
 def test_remedies_in_a_callback_list_run_after_a_real_rollback_and_see_it():
     model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=1)
     drop, cool = DropRecentTransitions(), CoolLearningRate(0.1)
-    rollback = RollbackCallback("CartPole-v1", eval_freq=500, n_eval_episodes=3,
+    rollback = RollbackCallback("CartPole-v1", eval_freq=500, n_eval_episodes=3, cool_on_solve=None,
                                 callback_on_rollback=CallbackList([ResetOptimizer(), cool, drop]))
     model.learn(2000, callback=CallbackList([ScrambleAt(1200), rollback]))
 
@@ -134,3 +134,41 @@ def test_remedies_in_a_callback_list_run_after_a_real_rollback_and_see_it():
     assert model.lr_schedule(1.0) == pytest.approx(1e-6)
     # Rewound at 1500 to the snapshot of 1000, then 500 more transitions: 1,499 + 1 - 500 + 500 rows.
     assert model.replay_buffer.pos == 1500
+
+
+def test_rollback_callback_runs_no_remedy_by_default_and_refuses_the_old_default_by_name():
+    assert RollbackCallback().callback is None and RollbackCallback().policy.max_restores == 2
+    with pytest.raises(ValueError, match=r"0.3.0's \"default\" was CallbackList\(\[ResetOptimizer\(\)"):
+        RollbackCallback(callback_on_rollback="default")
+
+
+@pytest.mark.parametrize("cool_on_solve, rate, cooled_at", [(0.1, 1e-6, 500), (None, 1e-5, None)])
+def test_cool_on_solve_cuts_the_learning_rate_once_at_the_first_score_at_the_reward_threshold(cool_on_solve, rate,
+                                                                                            cooled_at):
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=1)  # scores 500 >= 475 at every evaluation
+    rollback = RollbackCallback("CartPole-v1", eval_freq=500, n_eval_episodes=3, cool_on_solve=cool_on_solve)
+    model.learn(1500, callback=rollback)
+
+    assert [score.mean for score in rollback.scores] == [500.0, 500.0, 500.0] and not rollback.rollbacks
+    assert rollback.cooled_at == cooled_at
+    assert model.lr_schedule(1.0) == pytest.approx(rate)  # once, not at each of the three solved scores
+    model.learn(100, reset_num_timesteps=False)  # SB3 sets the optimizer's rate from lr_schedule each train()
+    assert model.policy.optimizer.param_groups[0]["lr"] == pytest.approx(rate)
+
+
+def test_cool_on_solve_waits_for_the_threshold_and_its_state_survives_a_checkpoint():
+    model = linear_dqn(CARTPOLE_WOBBLER, learning_rate=1e-5, seed=1)  # 138 to 278: never solved
+    rollback = RollbackCallback("CartPole-v1", eval_freq=500, n_eval_episodes=3)
+    model.learn(1000, callback=rollback)
+    assert rollback.cooled_at is None and model.lr_schedule(1.0) == pytest.approx(1e-5)
+
+    state = rollback.state_dict()
+    resumed = RollbackCallback("CartPole-v1")
+    resumed.load_state_dict({**state, "cooled_at": 4_000})
+    assert resumed.cooled_at == 4_000  # a cooled run does not cool again after a resume
+    del state["cooled_at"]  # a checkpoint of 0.3.0, which had no such cooling
+    resumed.load_state_dict(state)
+    assert resumed.cooled_at is None
+    for bad in (0, 1.5, True, "0.1"):
+        with pytest.raises(ValueError, match="cool_on_solve"):
+            RollbackCallback(cool_on_solve=bad)

@@ -91,7 +91,7 @@ def test_online_mode_stops_rolling_back_after_max_consecutive_rollbacks(capsys):
     assert "Rollback: none at timestep 3500 (2 rollbacks in a row)" in capsys.readouterr().out
 
 
-def test_restore_is_refused_when_restored_weights_fail_too_so_a_changed_env_does_not_loop():
+def test_restore_is_refused_when_restored_weights_fail_too_so_a_changed_env_does_not_loop(capsys):
     # Evaluation env that changes for good at timestep 1200: reversed actions (a changed task).
     class ReversedActions(gym.ActionWrapper):
         def __init__(self, env, model):
@@ -103,11 +103,15 @@ def test_restore_is_refused_when_restored_weights_fail_too_so_a_changed_env_does
 
     model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=6)
     rollback = RollbackCallback(ReversedActions(gym.make("CartPole-v1"), model), eval_freq=500,
-                                n_eval_episodes=3)
+                                n_eval_episodes=3, verbose=1)
     model.learn(3000, callback=rollback)
     assert rollback.rollbacks == []  # the old weights were checked, failed too, and were not forced back
     assert rollback.rebases == 1
     assert rollback.history.best < 50  # the new level became the reference
+    # cool_on_solve: x0.1 at the first 500 (timestep 500), lifted when the solved weights failed their check
+    printed = capsys.readouterr().out
+    assert "Solved at timestep 500" in printed and "learning rate x10 back" in printed
+    assert rollback.cooled_at is None and model.lr_schedule(1.0) == pytest.approx(1e-5)
 
 
 def _tiny(algo_class, env_id, **kwargs):

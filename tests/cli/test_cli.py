@@ -291,6 +291,7 @@ def test_bad_hyperparameter_file_is_rejected_before_the_run_folder(tmp_path, cap
     (["--algo", "sac"], ["SAC", "CartPole-v1"]),  # SAC needs continuous actions
     (["--no-rollback", "--set", "undo_depth=10"], ["undo_depth", "DQN"]),
     (["--run-name", "../escape"], ["--run-name"]),
+    (["--cool-on-solve", "0"], ["--cool-on-solve", "fraction in (0, 1]"]),
 ])
 def test_bad_train_arguments_are_rejected_before_the_run_folder(tmp_path, capsys, arguments, words):
     code = main(["train", "--logdir", str(tmp_path / "runs"), "--no-progress", *arguments])
@@ -337,13 +338,21 @@ def test_console_script_reports_bad_input_in_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize(("option", "max_restores"), [([], None), (["--max-restores", "5"], 5),
+@pytest.mark.parametrize(("option", "max_restores"), [([], 2), (["--max-restores", "5"], 5),
                                                        (["--max-restores", "0"], None)])
 def test_max_restores_0_on_the_command_line_is_none_no_limit_in_python(tmp_path, option, max_restores):
     args = build_parser().parse_args(["train", "--logdir", str(tmp_path), *TINY_RUN, *option])
     args.argv = []
     assert plan_training(args).max_restores == max_restores
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # planning writes nothing
+
+
+@pytest.mark.parametrize(("option", "cool_on_solve"), [([], 0.1), (["--cool-on-solve", "0.5"], 0.5),
+                                                        (["--cool-on-solve", "1"], None)])
+def test_cool_on_solve_1_on_the_command_line_is_none_never_in_python(tmp_path, option, cool_on_solve):
+    args = build_parser().parse_args(["train", "--logdir", str(tmp_path), *TINY_RUN, *option])
+    args.argv = []
+    assert plan_training(args).cool_on_solve == cool_on_solve
 
 
 def test_help_says_how_to_ask_for_no_limit(capsys):

@@ -17,6 +17,7 @@ record per arm out, each with its provenance (see ``records.py`` for where they 
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 import time
 from collections.abc import Callable
@@ -266,7 +267,7 @@ def train_with_eval_callback(spec: RunSpec, algorithm: type[BaseAlgorithm], para
 
 
 def rollback_callback_as_in_train(eval_env: VecEnv, settings: RunSettings,
-                                  on_rollback: BaseCallback | str | None = "default", **options: Any) -> RollbackCallback:
+                                  on_rollback: BaseCallback | None = None, **options: Any) -> RollbackCallback:
     """The callback of ``rollback-rl train`` with its defaults (``--drop 0.5 --patience 1``, i.e.
     ``SignificantDrop()``), on the settings' evaluation schedule; ``options`` override other defaults."""
     return RollbackCallback(eval_env, eval_freq=settings.eval_freq, n_eval_episodes=settings.eval_episodes,
@@ -274,16 +275,19 @@ def rollback_callback_as_in_train(eval_env: VecEnv, settings: RunSettings,
 
 
 def train_with_rollback(spec: RunSpec, params: dict[str, Any],
-                        on_rollback: BaseCallback | str | None = "default", **options: Any) -> TrainingOutcome:
+                        on_rollback: BaseCallback | None = None, **options: Any) -> TrainingOutcome:
     """Train as ``rollback-rl train`` does by default: ``RollbackDQN`` with ``RollbackCallback``."""
     outcome, _ = _train_with_rollback(spec, params, on_rollback, **options)
     return outcome
 
 
-def _train_with_rollback(spec: RunSpec, params: dict[str, Any], on_rollback: BaseCallback | str | None = "default",
+def _train_with_rollback(spec: RunSpec, params: dict[str, Any], on_rollback: BaseCallback | None = None,
                          also: Callable[[RollbackCallback], BaseCallback] | None = None,
                          **options: Any) -> tuple[TrainingOutcome, RollbackCallback]:
-    """``also``: makes a callback that runs next to the ``RollbackCallback`` (given it) during ``learn()``."""
+    """``also``: makes a callback that runs next to the ``RollbackCallback`` (given it) during ``learn()``.
+    ``options`` go to ``RollbackCallback``; ``cool_on_solve`` is ``None`` unless given, so that every arm
+    but ``rollback`` (today's defaults) trains as it did before 0.4.0 made that cooling a default."""
+    options.setdefault("cool_on_solve", None)
     model, eval_env = build_model(spec.task, RollbackDQN, params, spec.seed)  # as rollback-rl train builds it
     callback = rollback_callback_as_in_train(eval_env, spec.settings, on_rollback, **options)
     episodes = TrainingEpisodes()
@@ -376,11 +380,14 @@ def vanilla_and_best_model(spec: RunSpec) -> ArmRecords:
 
 
 @training_run("rollback", "rollback-rl defaults: RollbackDQN with RollbackCallback(), as rollback-rl train "
-              "(Adam reset and learning rate x0.1 after each rollback, no limit on restores)", algorithm=RollbackDQN,
+              "(no remedy after a rollback, max_restores=2, learning rate x0.1 once at the first evaluation >= "
+              "the reward threshold)", algorithm=RollbackDQN,
               arms={"rollback": "rollback-rl defaults, as rollback-rl train; final weights after the end-of-training check",
                     "rollback_no_end_check": "rollback-rl defaults; the same run's weights before the end-of-training check"})
 def rollback_defaults(spec: RunSpec) -> ArmRecords:
-    return _candidate_records(spec, "rollback", "default")
+    defaults = inspect.signature(RollbackCallback).parameters
+    return _candidate_records(spec, "rollback", defaults["callback_on_rollback"].default,
+                              **{name: defaults[name].default for name in ("max_restores", "cool_on_solve")})
 
 
 @training_run("rollback_v02", "rollback-rl 0.2's defaults: no remedy after a rollback, max_restores=2",
@@ -415,7 +422,7 @@ def adam_equal_betas(spec: RunSpec) -> ArmRecords:
 
 # -- recovery candidates (issue: recovery that sticks) and the hard control --------------------------
 
-def _candidate_records(spec: RunSpec, name: str, on_rollback: BaseCallback | str | None,
+def _candidate_records(spec: RunSpec, name: str, on_rollback: BaseCallback | None,
                        also: Callable[[RollbackCallback], BaseCallback] | None = None, **options: Any) -> ArmRecords:
     """One rollback run giving two arms: ``name`` (final weights after the end-of-training check) and
     ``name_no_end_check`` (the weights in place when training stopped, before that check)."""
@@ -494,6 +501,14 @@ def recover_reset_cool_on_solve(spec: RunSpec) -> ArmRecords:
     level = float(threshold) if threshold is not None else float("inf")
     return _candidate_records(spec, "recover_reset_cool_on_solve", ResetOptimizer(),
                               also=lambda rollback: CoolOnSolvedEvaluation(rollback, level), max_restores=None)
+
+
+@_candidate("rollback_v03", "rollback-rl 0.3.0's defaults: Adam reset and learning rate x0.1 after every rollback "
+                            "(compounding), no limit on restores (the arm recover_cool; its 0.3.0 records were made "
+                            "as the arm rollback)")
+def rollback_v03(spec: RunSpec) -> ArmRecords:
+    return _candidate_records(spec, "rollback_v03", CallbackList([ResetOptimizer(), CoolLearningRate(0.1)]),
+                              max_restores=None)
 
 
 class CoolOnSolve(BaseCallback):
