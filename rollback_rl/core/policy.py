@@ -23,9 +23,10 @@ The decision, one score at a time:
    it stood before this score by more than ``min_delta`` and 10% of the way to ``solved_score``, and
    significantly; or at ``solved_score``). When the detector then judges the score a collapse from the
    last good snapshot's score, the snapshot is put back, unless it was already restored ``max_restores``
-   times (default: no limit): then it is set aside and the current level becomes the reference (a
-   *rebase*). A set-aside snapshot is checked again as soon as the weights fall back to the floor
-   (``FLOOR_DROP``): giving up is never final.
+   times (default: no limit) and the score has not fallen to the floor (lost more than ``FLOOR_DROP`` of
+   the learned range): then it is set aside and the current level becomes the reference (a *rebase*).
+   A set-aside snapshot is checked again as soon as the weights fall to the floor: giving up is never
+   final, and a fall to the floor is repaired at once however many restores came before.
 3. Where the caller can evaluate (``checks_restores``), the restored snapshot is scored afresh before
    it stays: its recorded score was the best of many noisy evaluations (biased upward) and, if the
    environment changed, no longer holds at all. Unless the fresh score beats the collapsed one by more
@@ -37,8 +38,8 @@ The decision, one score at a time:
    than ``tolerance``, on a fresh check as in 3.
 
 Worked example: CartPole-v1 (scores from 9 to 500), an evaluation every 500 steps,
-``SignificantDrop(drop=0.5)``, ``tolerance=0.05`` and ``max_restores=2`` (the default is no limit: the
-caller's remedies grow with each restore instead):
+``SignificantDrop(drop=0.5)``, ``tolerance=0.05`` and ``max_restores=2`` (``RollbackCallback``'s default;
+the policy's own is no limit):
 
 ======== ======== ==============================================================================
 timestep score    decision
@@ -51,9 +52,10 @@ timestep score    decision
                   more than 5% of the range above 12, so it stays (restored once, its score now the
                   mean of both evaluations)
 2,000    9.8      collapsed again: restored a second time the same way
-2,500    10       the snapshot of 1,000 was restored twice: ``SetAside`` and ``Rebase``; 10 is now
-                  the best, so ``TakeSnapshot`` of the weights in place
-end      10       the snapshot set aside scores 500 > 10: ``CheckSnapshot`` confirms it, it comes back
+2,500    150      fell 71% of the range, not to the floor (90%), and the snapshot of 1,000 was restored
+                  twice: ``SetAside`` and ``Rebase``; 150 is now the best, so ``TakeSnapshot`` of the
+                  weights in place (a fall to 10 would have been restored a third time)
+end      150      the snapshot set aside scores 500 > 150: ``CheckSnapshot`` confirms it, it comes back
 ======== ======== ==============================================================================
 """
 
@@ -252,16 +254,23 @@ class RollbackPolicy:
         # Judged against the floor before this score: a collapse must not lower the floor it is measured from.
         learned = last_good is not None and self._has_learned(last_good)
         self.history.observe(score)
+        # Never sit on a policy back at the floor while a snapshot that clearly beats it is at hand; the set-aside
+        # snapshot is tried first when it is better than the newest good one (which came after giving up).
+        to_floor = set_aside is not None and self._fell_to_floor(set_aside, score)
+        if to_floor and (last_good is None or set_aside.mean > last_good.mean):
+            return self._check_set_aside(score, set_aside)
         if learned and self.detector.update(last_good, score, self.history.floor):
             return self._roll_back(score, last_good, set_aside)
-        if set_aside is not None and self._fell_to_floor(set_aside, score):
-            # Never sit on a policy back at the floor while a snapshot that clearly beats it is at hand.
-            self._pending = _PendingCheck(score, set_aside, self.restore_counts.get(set_aside.timestep, 0),
-                                          at_end=False, set_aside=True)
-            return [CheckSnapshot(set_aside, score.mean, set_aside=True)]
+        if to_floor:
+            return self._check_set_aside(score, set_aside)
         if self.history.is_good(score):
             return [TakeSnapshot(score)]
         return []
+
+    def _check_set_aside(self, score: Score, set_aside: Score) -> list[Action]:
+        self._pending = _PendingCheck(score, set_aside, self.restore_counts.get(set_aside.timestep, 0),
+                                      at_end=False, set_aside=True)
+        return [CheckSnapshot(set_aside, score.mean, set_aside=True)]
 
     def _has_learned(self, reference: Score) -> bool:
         if self.min_delta is None:
@@ -331,7 +340,9 @@ class RollbackPolicy:
 
     def _roll_back(self, score: Score, snapshot: Score, set_aside: Score | None) -> list[Action]:
         restores = self.restore_counts.get(snapshot.timestep, 0)
-        if self.max_restores is not None and restores >= self.max_restores:
+        # The limit gives up on collapses that keep coming back, never on a fall to the floor: a policy that
+        # lost (nearly) everything it learned is repaired now, however many restores came before.
+        if self.max_restores is not None and restores >= self.max_restores and not self._fell_to_floor(snapshot, score):
             replaces_kept = set_aside is None or snapshot.mean > set_aside.mean
             return [SetAside(snapshot, replaces_kept),
                     *self._rebase(score, f"the snapshot of timestep {snapshot.timestep} was restored {restores} "

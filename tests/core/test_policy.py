@@ -145,7 +145,7 @@ def test_false_alarm_when_the_restored_snapshot_is_not_clearly_better_keeps_the_
     actions = run.feed(episodes(1500, 10.5))
     assert run.kinds() == ["CheckSnapshot", "PutBackCurrent", "RescoreSnapshot", "Rebase", "TakeSnapshot"]
     assert actions[2] == RescoreSnapshot(1000, episodes(1000, 10.0))  # the snapshot's score is now its fresh one
-    assert actions[3] == Rebase("the snapshot of timestep 1000 now scores 10.00", reference=10.0)
+    assert actions[3] == Rebase("the snapshot of timestep 1000 now scores 10.00", reference=10.0, snapshot_failed=True)
     assert actions[4] == TakeSnapshot(episodes(1500, 10.5))  # as good as the new reference
     assert run.policy.rollbacks == [] and run.policy.rebases == 1 and run.policy.history.best == 10.0
 
@@ -176,12 +176,12 @@ def test_an_unanswered_check_refuses_the_next_score():
 # -- max_restores and the end of training ----------------------------------------------------------
 
 def collapses_at_1500_2000_2500(max_restores: int | None) -> Run:
-    """Good weights (500) snapshotted at 500 and 1,000; collapses at 1,500, 2,000 and 2,500, each
-    restore checked afresh at 500 (the setting of the SB3 test of the same name)."""
+    """Good weights (500) snapshotted at 500 and 1,000; collapses at 1,500 and 2,000 (to the floor) and 2,500
+    (to 150, not the floor), each restore checked afresh at 500 (the setting of the SB3 test of the same name)."""
     run = Run(RollbackPolicy(max_restores=max_restores), fresh_scores=[episodes(t, 500.0) for t in (1500, 2000, 2500)])
     run.policy.on_baseline(episodes(0, CARTPOLE_FLOOR))
     run.feed(episodes(500, 500.0), episodes(1000, 500.0), episodes(1500, 12.0), episodes(2000, 9.8),
-             episodes(2500, 10.0))
+             episodes(2500, 150.0))
     return run
 
 
@@ -191,11 +191,20 @@ def test_a_snapshot_restored_max_restores_times_is_set_aside_and_the_next_collap
     assert run.kinds() == ["SetAside", "Rebase", "TakeSnapshot"]  # at 2,500
     assert run.actions[0] == SetAside(Score(1000, 500.0, (500.0,) * 9), replaces_kept=True)
     assert run.actions[1] == Rebase("the snapshot of timestep 1000 was restored 2 times and training collapsed "
-                                    "again", reference=10.0)
+                                    "again", reference=150.0)
     assert run.policy.rebases == 1 and run.policy.restore_counts == {1000: 2}
     assert [(s.timestep, s.mean) for s in run.policy.scores] == [(500, 500.0), (1000, 500.0), (1500, 12.0),
-                                                                 (2000, 9.8), (2500, 10.0)]
-    assert run.last_good.timestep == 2500  # 10 is the reference now: the collapsed weights are the last good
+                                                                 (2000, 9.8), (2500, 150.0)]
+    assert run.last_good.timestep == 2500  # 150 is the reference now: the collapsed weights are the last good
+
+
+def test_a_fall_to_the_floor_is_restored_however_many_restores_came_before():
+    run = Run(RollbackPolicy(max_restores=2), fresh_scores=[episodes(t, 500.0) for t in (1500, 2000, 2500)])
+    run.policy.on_baseline(episodes(0, CARTPOLE_FLOOR))
+    run.feed(episodes(500, 500.0), episodes(1000, 500.0), episodes(1500, 12.0), episodes(2000, 9.8),
+             episodes(2500, 10.0))
+    assert run.rollback_timesteps() == [(1500, 1000), (2000, 1000), (2500, 1000)]
+    assert run.policy.rebases == 0 and run.set_aside is None and run.policy.restore_counts == {1000: 3}
 
 
 def test_the_set_aside_snapshot_comes_back_at_the_end_when_its_fresh_score_is_better():
@@ -285,7 +294,7 @@ def test_a_snapshot_set_aside_later_replaces_the_kept_one_only_if_it_scored_bett
                                 (episodes(3000, 501.0), True)]:
         policy.restore_counts = {3000: 1}
         policy.on_score(candidate, None)
-        actions = policy.on_score(episodes(3500, 1.0), candidate, set_aside=kept)
+        actions = policy.on_score(episodes(3500, 150.0), candidate, set_aside=kept)  # a fall, not to the floor
         assert actions[0] == SetAside(candidate, replaces_kept=replaces), candidate.mean
 
 
@@ -320,9 +329,9 @@ def test_a_good_score_between_rollbacks_resets_the_count_in_a_row():
 def test_max_restores_applies_before_the_count_in_a_row():
     run = Run(RollbackPolicy(checks_restores=False, max_consecutive_rollbacks=3, max_restores=1))
     run.feed(episodes(500, 10.0), episodes(1000, 500.0), episodes(1500, 9.0))
-    assert run.feed(episodes(2000, 9.0))[:2] == [SetAside(episodes(1000, 500.0), True),
-                                                  Rebase("the snapshot of timestep 1000 was restored 1 times and "
-                                                         "training collapsed again", reference=9.0)]
+    assert run.feed(episodes(2000, 150.0))[:2] == [SetAside(episodes(1000, 500.0), True),
+                                                    Rebase("the snapshot of timestep 1000 was restored 1 times and "
+                                                           "training collapsed again", reference=150.0)]
 
 
 # -- the detector decides ---------------------------------------------------------------------------
