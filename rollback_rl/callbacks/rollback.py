@@ -27,9 +27,8 @@ from rollback_rl.evaluation import EVAL_SEED_OFFSET, make_eval_env, reward_thres
 from rollback_rl.sb3_state import sb3_training_state
 from rollback_rl.tensorboard_layout import (BASELINE_TAG, BEST_TAG, END_RESTORE_TAG, EVAL_TAG, EVAL_TIMESTEPS_TAG,
                                             EVENT_TAG, LEARNING_RATE_TAG, NONFINITE_SNAPSHOT_REFUSED_TAG, REBASES_TAG,
-                                            REFERENCE_TAG,
-                                            REFERENCE_TIMESTEP_TAG, RETIRED_TAG, ROLLBACKS_TAG, SCORE_TAG,
-                                            SNAPSHOT_BYTES_TAG, VERIFY_TAG)
+                                            REFERENCE_TAG, REFERENCE_TIMESTEP_TAG, RETIRED_TAG, ROLLBACKS_TAG,
+                                            SCORE_TAG, SNAPSHOT_BYTES_TAG, VERIFY_TAG)
 
 __all__ = ["RollbackCallback", "RollbackEvent", "SelfRestoringModel"]
 
@@ -80,8 +79,9 @@ class RollbackCallback(EventCallback):
     ``tolerance``; if not (the environment changed, or the snapshot's best score was a lucky one), the
     current weights are put back and the fresh score becomes the reference. Without one, the current
     level becomes the reference after ``max_consecutive_rollbacks`` rollbacks in a row. With
-    ``max_restores`` set, a snapshot restored that many times is set aside instead (the current score
-    becomes the reference: a rebase); it comes back as soon as the weights fall back to the floor, and
+    ``max_restores`` set (2 by default), a snapshot restored that many times is set aside at its next
+    collapse, unless that one falls to the floor (the current score becomes the reference: a rebase);
+    it comes back as soon as the weights fall to the floor, and
     when training ends (``check_at_end``) if it still beats the final weights on a fresh evaluation.
     These decisions are made by ``policy``
     (:class:`~rollback_rl.core.policy.RollbackPolicy`, whose docstring works through an example); the
@@ -110,8 +110,9 @@ class RollbackCallback(EventCallback):
     :param max_snapshots: good snapshots kept in memory
     :param max_consecutive_rollbacks: online mode only: rollbacks in a row (no good score between)
         before the current level is accepted as the new reference
-    :param max_restores: restores of one snapshot after which the next collapse from it is a rebase
-        (``None``: no limit). Without a limit rollback-rl 0.1 restored the same early snapshot up to 17
+    :param max_restores: restores of one snapshot after which the next collapse from it is a rebase,
+        unless that collapse reaches the floor (then it is restored however often it was before);
+        ``None``: no limit. Without a limit rollback-rl 0.1 restored the same early snapshot up to 17
         times, each time training collapsed again (docs/results.md)
     :param min_delta: a fall counts as a collapse only from a level that beats the floor (the untrained
         policy's score where the callback evaluates it itself; else the lowest score seen before) by more
