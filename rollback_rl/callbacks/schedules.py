@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from stable_baselines3.common.callbacks import BaseCallback
+from typing import Literal
+
+from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+
 from rollback_rl.core.schedules import ScaledSchedule
+from rollback_rl.evaluation import reward_threshold
 from rollback_rl.tensorboard_layout import LEARNING_RATE_TAG
 
 
@@ -34,4 +38,45 @@ class ScaleLearningRate(BaseCallback):
         self.logger.record(LEARNING_RATE_TAG, current * factor)
         if self.verbose >= 1:
             print(f"Learning rate scaled by {factor:.3g} to {current * factor:.3g}")
+        return True
+
+
+class CoolOnSolve(BaseCallback):
+    """Multiply the learning rate by ``factor`` once, at the first evaluation of its ``EvalCallback`` whose
+    mean reaches ``threshold``; no rollback. Use as ``EvalCallback(eval_env, callback_after_eval=CoolOnSolve())``.
+
+    This is the "hard control" of docs/protocol.md: on 40 held-out CartPole-v1 seeds it cut the training
+    episodes that fail after the first solve against plain DQN (docs/results.md), which no rollback
+    configuration did. Like ``RollbackCallback(cool_on_solve=...)`` it goes through ``model.lr_schedule``.
+
+    :param threshold: the mean evaluation return that counts as solved; ``"reward_threshold"``: the
+        evaluation env's ``spec.reward_threshold`` (never cools where it has none)
+    :param factor: learning-rate multiplier, in (0, 1]
+    """
+
+    def __init__(self, threshold: float | Literal["reward_threshold"] = "reward_threshold", factor: float = 0.1,
+                 verbose: int = 0) -> None:
+        super().__init__(verbose=verbose)
+        if isinstance(threshold, str) and threshold != "reward_threshold":
+            raise ValueError(f'threshold must be a number or "reward_threshold", got {threshold!r}')
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise ValueError(f"factor must be in (0, 1], got {factor!r}")
+        self.threshold, self.factor = threshold, factor
+        self.cooled_at: int | None = None  # the timestep of the evaluation that first reached the threshold
+
+    def _init_callback(self) -> None:
+        if not isinstance(self.parent, EvalCallback):
+            raise ValueError("CoolOnSolve reads EvalCallback's evaluations: pass it as "
+                             "EvalCallback(..., callback_after_eval=CoolOnSolve())")
+
+    def _on_step(self) -> bool:
+        threshold = self.threshold
+        if threshold == "reward_threshold":
+            threshold = reward_threshold(self.parent.eval_env)
+        if self.cooled_at is None and threshold is not None and self.parent.last_mean_reward >= threshold:
+            self.model.lr_schedule = ScaledSchedule(self.model.lr_schedule, self.factor)
+            self.cooled_at = self.num_timesteps
+            self.logger.record(LEARNING_RATE_TAG, self.model.lr_schedule(self.model._current_progress_remaining))
+            if self.verbose >= 1:
+                print(f"Solved at timestep {self.num_timesteps}: learning rate x{self.factor:g} from now on")
         return True

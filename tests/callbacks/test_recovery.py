@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import gymnasium as gym
 import pytest
 import torch
 from stable_baselines3 import DQN, PPO
-from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.callbacks import CallbackList, EvalCallback
+from stable_baselines3.common.monitor import Monitor
 
 from helpers import CARTPOLE_BALANCER, CARTPOLE_WOBBLER, ScrambleAt, linear_dqn
 from rollback_rl.buffers import ReservoirReplayBuffer
 from rollback_rl.callbacks import RollbackCallback
 from rollback_rl.callbacks.recovery import CoolLearningRate, DropRecentTransitions, ResetOptimizer, SlowTargetUpdates
+from rollback_rl.callbacks.schedules import CoolOnSolve
 
 torch.set_num_threads(1)
 
@@ -172,3 +175,24 @@ def test_cool_on_solve_waits_for_the_threshold_and_its_state_survives_a_checkpoi
     for bad in (0, 1.5, True, "0.1"):
         with pytest.raises(ValueError, match="cool_on_solve"):
             RollbackCallback(cool_on_solve=bad)
+
+
+@pytest.mark.parametrize("threshold, rate, cooled_at", [("reward_threshold", 1e-6, 500), (501.0, 1e-5, None)])
+def test_cool_on_solve_under_eval_callback_cuts_the_rate_once_at_the_first_solved_evaluation(threshold, rate,
+                                                                                           cooled_at):
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=1)  # 500 at every evaluation
+    cool = CoolOnSolve(threshold)
+    evaluation = EvalCallback(Monitor(gym.make("CartPole-v1")), eval_freq=500, n_eval_episodes=3, warn=False,
+                              callback_after_eval=cool)
+    model.learn(1500, callback=evaluation)
+    assert evaluation.last_mean_reward == 500.0 and cool.cooled_at == cooled_at
+    assert model.lr_schedule(1.0) == pytest.approx(rate)  # once, not at each of the three solved evaluations
+
+
+def test_cool_on_solve_refuses_to_run_outside_eval_callback_and_bad_settings():
+    model = linear_dqn(CARTPOLE_BALANCER, learning_rate=1e-5, seed=1)
+    with pytest.raises(ValueError, match="callback_after_eval=CoolOnSolve"):
+        model.learn(10, callback=CoolOnSolve())
+    for bad in ({"factor": 0}, {"factor": 1.5}, {"threshold": "solved"}):
+        with pytest.raises(ValueError):
+            CoolOnSolve(**bad)

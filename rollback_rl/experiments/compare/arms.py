@@ -37,7 +37,7 @@ import rollback_rl.envs  # registers this package's environments with gymnasium
 from rollback_rl.agents import RollbackDQN
 from rollback_rl.callbacks import RollbackCallback
 from rollback_rl.callbacks.recovery import CoolLearningRate, DropRecentTransitions, ResetOptimizer, SlowTargetUpdates
-from rollback_rl.callbacks.schedules import ScaleLearningRate
+from rollback_rl.callbacks.schedules import CoolOnSolve, ScaleLearningRate
 from rollback_rl.core.schedules import ScaledSchedule
 from rollback_rl.evaluation import EVAL_SEED_OFFSET, final_episode_seed, greedy_returns
 from rollback_rl.experiments.common import provenance
@@ -509,22 +509,6 @@ def recover_reset_cool_on_solve(spec: RunSpec) -> ArmRecords:
 def rollback_v03(spec: RunSpec) -> ArmRecords:
     return _candidate_records(spec, "rollback_v03", CallbackList([ResetOptimizer(), CoolLearningRate(0.1)]),
                               max_restores=None)
-
-
-class CoolOnSolve(BaseCallback):
-    """The hard control: as ``EvalCallback(callback_after_eval=...)``, multiply the learning rate by
-    ``factor`` once, at the first evaluation whose mean reaches ``threshold``; no rollback."""
-
-    def __init__(self, threshold: float, factor: float = 0.1) -> None:
-        super().__init__()
-        self.threshold, self.factor = threshold, factor
-        self.cooled_at: int | None = None
-
-    def _on_step(self) -> bool:
-        if self.cooled_at is None and self.parent.last_mean_reward >= self.threshold:
-            self.model.lr_schedule = ScaledSchedule(self.model.lr_schedule, self.factor)
-            self.cooled_at = self.num_timesteps
-        return True
 
 
 @training_run("control_cool_on_solve", "SB3 DQN, learning rate x0.1 from the first evaluation >= the env's "
