@@ -18,6 +18,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalC
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import VecEnv, sync_envs_normalization
 
+from rollback_rl.callbacks.schedules import scale_learning_rate
 from rollback_rl.core.detectors import CollapseDetector, Score, ScoreHistory
 from rollback_rl.core.policy import (Action, CheckSnapshot, KeptFinalWeights, PutBackCurrent, Rebase, RescoreSnapshot,
                                      Restore, RollbackEvent, RollbackPolicy, RolledBack, SetAside, TakeSnapshot)
@@ -335,12 +336,10 @@ class RollbackCallback(EventCallback):
         threshold = self.policy.solved_score
         if self.cool_on_solve is None or self.cooled_at is not None or threshold is None or score.mean < threshold:
             return
-        schedule = getattr(self.model, "lr_schedule", None)
-        if schedule is None:
+        if getattr(self.model, "lr_schedule", None) is None:
             return
-        self.model.lr_schedule = ScaledSchedule(schedule, float(self.cool_on_solve))
+        scale_learning_rate(self.model, float(self.cool_on_solve))
         self.cooled_at = self.num_timesteps
-        self.logger.record(LEARNING_RATE_TAG, self.model.lr_schedule(self.model._current_progress_remaining))
         if self.verbose >= 1:
             print(f"Solved at timestep {self.num_timesteps} (score {score.mean:.2f} >= {threshold:g}): learning rate "
                   f"x{self.cool_on_solve:g} from now on")

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from typing import Literal
 
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 
 from rollback_rl.core.schedules import ScaledSchedule
 from rollback_rl.evaluation import reward_threshold
 from rollback_rl.tensorboard_layout import LEARNING_RATE_TAG
+
+
+def scale_learning_rate(model: BaseAlgorithm, factor: float) -> float:
+    """Multiply ``model``'s learning rate by ``factor`` for the rest of training, through ``model.lr_schedule``
+    (the optimizer's rate is overwritten from it by SB3 before each training phase); log the new rate under
+    ``rollback/learning_rate`` and return it."""
+    model.lr_schedule = ScaledSchedule(model.lr_schedule, factor)
+    rate = model.lr_schedule(model._current_progress_remaining)
+    model.logger.record(LEARNING_RATE_TAG, rate)
+    return rate
 
 
 class ScaleLearningRate(BaseCallback):
@@ -34,10 +45,9 @@ class ScaleLearningRate(BaseCallback):
         schedule = self.model.lr_schedule
         current = schedule(self.model._current_progress_remaining)
         factor = max(self.factor, self.min_learning_rate / current) if current > 0 else self.factor
-        self.model.lr_schedule = ScaledSchedule(schedule, factor)
-        self.logger.record(LEARNING_RATE_TAG, current * factor)
+        rate = scale_learning_rate(self.model, factor)
         if self.verbose >= 1:
-            print(f"Learning rate scaled by {factor:.3g} to {current * factor:.3g}")
+            print(f"Learning rate scaled by {factor:.3g} to {rate:.3g}")
         return True
 
 
@@ -74,9 +84,8 @@ class CoolOnSolve(BaseCallback):
         if threshold == "reward_threshold":
             threshold = reward_threshold(self.parent.eval_env)
         if self.cooled_at is None and threshold is not None and self.parent.last_mean_reward >= threshold:
-            self.model.lr_schedule = ScaledSchedule(self.model.lr_schedule, self.factor)
+            scale_learning_rate(self.model, self.factor)
             self.cooled_at = self.num_timesteps
-            self.logger.record(LEARNING_RATE_TAG, self.model.lr_schedule(self.model._current_progress_remaining))
             if self.verbose >= 1:
                 print(f"Solved at timestep {self.num_timesteps}: learning rate x{self.factor:g} from now on")
         return True

@@ -488,7 +488,7 @@ class CoolOnSolvedEvaluation(BaseCallback):
 
     def _on_step(self) -> bool:
         if self.cooled_at is None and self.rollback.scores and self.rollback.scores[-1].mean >= self.threshold:
-            self.model.lr_schedule = ScaledSchedule(self.model.lr_schedule, self.factor)
+            self.model.lr_schedule = ScaledSchedule(self.model.lr_schedule, self.factor)  # as it ran: no logging
             self.cooled_at = self.num_timesteps
         return True
 
