@@ -155,6 +155,7 @@ def run_one(kind: str, buffer_size: int, seed: int, settings: DoseResponseSettin
                                  "mean_sample_age")},
         "eval_env_steps": diagnostics.eval_timesteps,
         "wall_seconds": time.perf_counter() - started,
+        "torch_threads": torch.get_num_threads(),
         "cpu_seconds": time.process_time() - cpu_started,  # what the run costs on a core of its own
     }
 

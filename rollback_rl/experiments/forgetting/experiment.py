@@ -277,6 +277,7 @@ def run_arm(arm: str, seed: int, settings: ForgettingSettings) -> dict[str, Any]
         "eval_timesteps": diagnostics.eval_timesteps + sum(callback.eval_timesteps for callback in
                                                            (rollback, task_bank, label_free_bank) if callback),
         "wall_seconds": time.perf_counter() - started,
+        "torch_threads": torch.get_num_threads(),
         "cpu_seconds": time.process_time() - cpu_started,  # what the run costs on a core of its own
     }
 

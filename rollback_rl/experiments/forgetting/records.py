@@ -127,7 +127,11 @@ def run_missing(function: Callable[..., dict[str, Any]], plan: Mapping[Hashable,
 
     def finish(key: Hashable, record: dict[str, Any]) -> None:
         run = missing[key]
-        write_record(run.path, {**record, "provenance": dict(provenance)})
+        made_by = dict(provenance)
+        threads = record.pop("torch_threads", None)
+        if threads is not None:  # the run's own thread count, not that of the process that started it
+            made_by["machine"] = {**made_by.get("machine", {}), "torch_threads": threads}
+        write_record(run.path, {**record, "provenance": made_by})
         outcome.done += 1
         progress(f"[{outcome.done + len(outcome.failed)}/{len(missing)}] {run.description}: "
                  f"{record['wall_seconds']:.0f} s (elapsed {(time.perf_counter() - started) / 60:.1f} min)")

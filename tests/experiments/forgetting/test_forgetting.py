@@ -18,7 +18,7 @@ from rollback_rl.callbacks.bank import TaskSnapshotBank
 from rollback_rl.experiments.forgetting.command import add_forgetting_arguments, run_forgetting, write_a_b_a_report
 from rollback_rl.experiments.forgetting.experiment import ForgettingSettings, _EvaluateTheTaskTrainedOn, markdown, \
     adaptation_steps, plan_runs, record_path, report, seed_metrics, summarise
-from rollback_rl.experiments.forgetting.records import write_record
+from rollback_rl.experiments.forgetting.records import PlannedRun, run_missing, write_record
 from rollback_rl.experiments.forgetting.stationary import analyse, label_moments
 
 torch.set_num_threads(1)
@@ -278,6 +278,21 @@ def test_analysis_finds_a_planted_difference():
 def run_command(*argv):
     parser = add_forgetting_arguments(argparse.ArgumentParser())
     return run_forgetting(parser.parse_args(list(argv)))
+
+
+def _fake_run(value):
+    return {"value": value, "wall_seconds": 0.0, "torch_threads": 1}
+
+
+def test_a_record_names_the_runs_thread_count_not_that_of_the_process_that_started_it(tmp_path):
+    made_by = {"git_commit": "abc", "machine": {"cpu_count": 2, "torch_threads": 7}}
+    plan = {k: PlannedRun(tmp_path / f"seed{k}.json", {"k": k}, (k,), f"run {k}") for k in range(2)}
+    outcome = run_missing(_fake_run, plan, "fake", 1, made_by, progress=lambda line: None)
+    assert outcome.done == 2
+    record = json.loads((tmp_path / "seed1.json").read_text())
+    assert record["value"] == 1 and "torch_threads" not in record
+    assert record["provenance"]["machine"] == {"cpu_count": 2, "torch_threads": 1}
+    assert made_by["machine"]["torch_threads"] == 7  # the caller's provenance is not changed
 
 
 def test_experiment_writes_a_record_per_run_resumes_and_reports_from_the_records(tmp_path, capsys, monkeypatch):
