@@ -3,8 +3,11 @@
     .venv/bin/python benchmarks/recovery_report.py benchmarks/results/recovery_tuning
     .venv/bin/python benchmarks/recovery_report.py benchmarks/results/recovery --references vanilla,best_model,control_cool_on_solve
 
+    .venv/bin/python benchmarks/recovery_report.py benchmarks/results/recovery_other_tasks --task Acrobot-v1 --references vanilla,best_model
+
 Reads every ``<task>/<arm>/seed<k>.json`` under the folder, writes ``paired_report.json`` and
-``paired_report.md`` beside them and prints the tables.
+``paired_report.md`` beside them (``paired_report_<task>.{json,md}`` for a task other than CartPole-v1,
+so that the reports of several tasks in one folder sit side by side) and prints the tables.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ def main() -> None:
     report["task"] = args.task
     report["records"] = sorted(str(p.relative_to(args.results)) for p in folder.glob("*/seed*.json"))
     report["provenance"] = provenance(vars(args))
-    (args.results / "paired_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    stem = "paired_report" if args.task == "CartPole-v1" else f"paired_report_{folder.name}"
+    (args.results / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     text = markdown(report)
-    (args.results / "paired_report.md").write_text(f"# Paired report: {args.task}, records under {args.results}\n\n" + text)
+    (args.results / f"{stem}.md").write_text(f"# Paired report: {args.task}, records under {args.results}\n\n" + text)
     print(text)
 
 
