@@ -31,9 +31,12 @@ Per run, from its record alone (:func:`run_metrics`):
 
 Per cell (kind, size), over seeds: mean and IQM with 95% bootstrap intervals resampling seeds, and
 paired over seeds: each kind minus the FIFO of the same size, and each cell minus the no-recency
-reference (the largest FIFO). Reading: if failures grow as the FIFO shrinks while a reservoir of the
-same small size stays near the reference, recency is the cause; if the reservoir fails like the FIFO of
-its size, the smaller amount of data is, not its age.
+reference (the largest FIFO). The dose-response itself, over the FIFO sizes (:func:`fifo_trend`): per
+seed, the least-squares slope of each metric against log10 of the buffer size, then the mean slope over
+seeds with its bootstrap interval, the signs of the slopes and a two-sided Wilcoxon p; a positive slope
+of collapses means they grow as recency weakens. Reading: if failures grow as the FIFO shrinks while a
+reservoir of the same small size stays near the reference, recency is the cause; if the reservoir fails
+like the FIFO of its size, the smaller amount of data is, not its age.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from scipy import stats
 from stable_baselines3 import DQN
 from stable_baselines3.common.callbacks import CallbackList
 
@@ -58,7 +62,8 @@ from rollback_rl.callbacks.diagnostics import summarize_buffer_records
 from rollback_rl.evaluation import final_episode_seed, greedy_returns
 from rollback_rl.experiments.compare.arms import TrainingEpisodes
 from rollback_rl.experiments.compare.paired import final_return, online_return, post_solve_failures, solve_timestep
-from rollback_rl.experiments.forgetting.over_seeds import BOOTSTRAP_RESAMPLES, describe, paired_difference
+from rollback_rl.experiments.forgetting.over_seeds import (BOOTSTRAP_RESAMPLES, describe, finite_values, interval,
+                                                           mean, paired_difference)
 from rollback_rl.experiments.forgetting.records import DOSE_RESPONSE, PlannedRun, as_json, cell_folder
 from rollback_rl.hyperparams import DEFAULT_EVAL_EPISODES, check_hyperparameters, hyperparameters_for, to_jsonable
 from rollback_rl.training import build_model
@@ -221,6 +226,34 @@ def run_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 # -- over seeds ---------------------------------------------------------------------------------------
 
+def fifo_trend(by_size: Mapping[int, Mapping[int, float]], resamples: int = BOOTSTRAP_RESAMPLES,
+               min_sizes: int = 3) -> dict[str, Any] | None:
+    """The dose-response of one metric over FIFO buffer sizes, with seeds as the unit.
+
+    :param by_size: ``{buffer_size: {seed: value}}`` (NaN or ``None``: undefined, e.g. never solved)
+    :param min_sizes: sizes a seed needs a defined value at for its slope to count
+    :return: ``None`` if no seed has ``min_sizes`` defined values; else ``n`` (seeds), ``sizes``,
+        ``slopes`` (per seed: least-squares slope of the value against log10 of the size, i.e. the change
+        per tenfold larger buffer), ``mean_slope`` (estimate, 95% bootstrap interval over seeds),
+        ``positive``/``zero``/``negative`` counts and ``wilcoxon_p_two_sided`` (``None`` if every slope is 0)
+    """
+    values = {size: finite_values(by_seed) for size, by_seed in by_size.items()}
+    slopes: dict[int, float] = {}
+    for seed in sorted({seed for by_seed in values.values() for seed in by_seed}):
+        points = [(math.log10(size), by_seed[seed]) for size, by_seed in sorted(values.items()) if seed in by_seed]
+        if len(points) >= min_sizes:
+            x, y = np.array(points).T
+            slopes[seed] = float(np.polyfit(x, y, 1)[0]) if np.ptp(x) > 0 else 0.0
+    if not slopes:
+        return None
+    numbers = np.array([slopes[seed] for seed in sorted(slopes)])
+    numbers[np.isclose(numbers, 0.0, atol=1e-12)] = 0.0
+    p = float(stats.wilcoxon(numbers, zero_method="wilcox").pvalue) if np.any(numbers != 0) else None
+    return {"n": len(slopes), "sizes": sorted(by_size), "slopes": {str(seed): slope for seed, slope in slopes.items()},
+            "mean_slope": interval(numbers, mean, resamples), "positive": int(np.sum(numbers > 0)),
+            "zero": int(np.sum(numbers == 0)), "negative": int(np.sum(numbers < 0)), "wilcoxon_p_two_sided": p}
+
+
 def report(records: Sequence[Mapping[str, Any]], resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
     """The dose-response from its records: per cell, every metric over seeds; paired over seeds, each kind
     minus the FIFO of its size and each cell minus the no-recency reference (the largest FIFO).
@@ -248,6 +281,7 @@ def report(records: Sequence[Mapping[str, Any]], resamples: int = BOOTSTRAP_RESA
         "bootstrap_resamples": resamples,
         "cells": [],
         "paired": [],
+        "fifo_trend": {},
     }
     for kind, size in keys:
         by_seed = by_cell[(kind, size)]
@@ -269,6 +303,12 @@ def report(records: Sequence[Mapping[str, Any]], resamples: int = BOOTSTRAP_RESA
                 if difference is not None:
                     result["paired"].append({"metric": name, "cell": cell_folder(kind, size),
                                              "reference": cell_folder(*other), **difference})
+    if len(fifo_sizes) >= 3:
+        for name in METRICS:
+            trend = fifo_trend({size: {s: m[name] for s, m in by_cell[("fifo", size)].items()} for size in fifo_sizes},
+                               resamples)
+            if trend is not None:
+                result["fifo_trend"][name] = trend
     return result
 
 
@@ -309,4 +349,16 @@ def markdown(result: Mapping[str, Any]) -> str:
             p = "-" if entry["wilcoxon_p_one_sided"] is None else f"{entry['wilcoxon_p_one_sided']:.3g}"
         lines.append(f"| {entry['metric']} | {entry['cell']} - {entry['reference']} | {entry['n']} | "
                      f"{_interval_text(entry['mean_difference'], DIGITS[entry['metric']])} | {counts} | {p} |")
+    trends = result.get("fifo_trend") or {}
+    if trends:
+        sizes = ", ".join(f"{size:,}" for size in next(iter(trends.values()))["sizes"])
+        lines += ["", f"Dose-response over the FIFO sizes ({sizes}): per seed, the least-squares slope of the metric "
+                  "against log10 of the buffer size (change per tenfold larger buffer; positive: grows as recency "
+                  "weakens); mean over seeds [95% bootstrap interval]; seeds with a value at 3 sizes or more.", "",
+                  "| metric | seeds | mean slope [95% CI] | positive/zero/negative | Wilcoxon p (two-sided) |",
+                  "|---|---|---|---|---|"]
+        for name, trend in trends.items():
+            p = "-" if trend["wilcoxon_p_two_sided"] is None else f"{trend['wilcoxon_p_two_sided']:.3g}"
+            lines.append(f"| {name} | {trend['n']} | {_interval_text(trend['mean_slope'], DIGITS[name] + 1)} | "
+                         f"{trend['positive']}/{trend['zero']}/{trend['negative']} | {p} |")
     return "\n".join(lines) + "\n"

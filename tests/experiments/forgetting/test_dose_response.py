@@ -117,6 +117,29 @@ def test_report_pairs_each_kind_with_the_fifo_of_its_size_and_every_cell_with_th
     assert "| fifo-2500 | 3 | 0 | 12.0 [" in text and "| post_solve_failures | reservoir-2500 - fifo-2500 | 3 |" in text
 
 
+def test_the_dose_response_is_a_slope_per_seed_against_log_size_summarised_over_seeds():
+    # log10 sizes 3, 4, 5: seeds 0 and 1 gain 10 failures per tenfold larger buffer, seed 2 loses 10, and
+    # seed 3 has a value at two sizes only, too few for a slope
+    records = (records_with_failures("fifo", 1_000, {0: 10, 1: 5, 2: 30, 3: 1})
+               + records_with_failures("fifo", 10_000, {0: 20, 1: 15, 2: 20})
+               + records_with_failures("fifo", 100_000, {0: 30, 1: 25, 2: 10, 3: 4})
+               + records_with_failures("reservoir", 1_000, {0: 99, 1: 99, 2: 99}))
+    trend = report(records, resamples=200)["fifo_trend"]["post_solve_failures"]
+    assert trend["n"] == 3 and trend["sizes"] == [1_000, 10_000, 100_000]
+    assert trend["slopes"] == pytest.approx({"0": 10.0, "1": 10.0, "2": -10.0})
+    assert trend["mean_slope"]["estimate"] == pytest.approx(10 / 3)
+    assert (trend["positive"], trend["zero"], trend["negative"]) == (2, 0, 1)
+    assert 0 < trend["wilcoxon_p_two_sided"] <= 1
+    assert "| post_solve_failures | 3 | 3.33 [" in markdown(report(records, resamples=200))
+
+
+def test_two_fifo_sizes_make_no_trend():
+    records = (records_with_failures("fifo", 2_500, {0: 10, 1: 12})
+               + records_with_failures("fifo", 100_000, {0: 1, 1: 2}))
+    result = report(records, resamples=200)
+    assert result["fifo_trend"] == {} and "Dose-response over the FIFO sizes" not in markdown(result)
+
+
 def test_report_refuses_records_made_with_other_settings():
     records = records_with_failures("fifo", 2_500, {0: 1}) + [hand_made_record(seed=1, steps=20_000)]
     with pytest.raises(ValueError, match="different settings"):
