@@ -55,7 +55,8 @@ Runs go in a pool of processes (``experiments.common.run_in_pool``), one torch t
 run is written at once to ``a_b_a/<A>-<B>/<kind>-<size>/<arm>/seed<k>.json`` under the results folder
 (``records``), so a sweep continues where it stopped. :func:`report` then gives, per cell (tasks and
 buffer), each arm's metrics over seeds (mean and IQM with 95% bootstrap intervals resampling seeds) and
-its paired differences from ``vanilla`` and from ``task_bank`` (``over_seeds.paired_difference``).
+its paired differences from ``vanilla``, from ``task_bank`` and from ``rollback`` (the last separates the
+label-free bank from the rollback it runs on; ``over_seeds.paired_difference``).
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ METRICS: dict[str, str] = {"forgetting": "lower", "relearn_steps": "lower", "ada
                            "average_score": "higher", "online_return": "higher", "final_score_a": "higher"}
 #: ``adapt_b_steps`` counts up to this fraction of the same seed's vanilla level on B at the end of B
 ADAPT_FRACTION = 0.9
-REFERENCE_ARMS = ("vanilla", "task_bank")  # every other arm is compared with each, paired over seeds
+# every other arm is compared with each, paired over seeds; label_free_bank - rollback is what the bank
+# adds to the rollback it runs on
+REFERENCE_ARMS = ("vanilla", "task_bank", "rollback")
 COUNTS = ("rollbacks", "rebases", "bank_restores", "rollbacks_after_switches")
 
 

@@ -143,7 +143,7 @@ def test_adaptation_to_b_counts_steps_to_a_target_within_phase_b_only():
     assert adaptation_steps(TIMESTEPS, b, SETTINGS, target=490) == (1_000, True)  # never during B: censored
 
 
-def test_summary_gives_intervals_over_seeds_and_pairs_every_arm_with_vanilla_and_the_task_bank():
+def test_summary_gives_intervals_over_seeds_and_pairs_every_arm_with_vanilla_the_task_bank_and_rollback():
     def metrics(forgetting, relearn):
         return dict(forgetting=forgetting, relearn_steps=relearn, relearn_censored=False, average_score=1.0,
                     online_return=1.0, final_score_a=1.0, rollbacks=0, rebases=1, bank_restores=0,
@@ -151,7 +151,8 @@ def test_summary_gives_intervals_over_seeds_and_pairs_every_arm_with_vanilla_and
 
     per_seed = {"vanilla": {s: metrics(400.0 + s, 5_000.0) for s in range(5)},
                 "task_bank": {s: metrics(400.0 + s, 2_500.0 if s else None) for s in range(5)},
-                "label_free_bank": {s: metrics(400.0, 2_500.0 if s % 2 else 5_000.0) for s in range(5)}}
+                "label_free_bank": {s: metrics(400.0, 2_500.0 if s % 2 else 5_000.0) for s in range(5)},
+                "rollback": {s: metrics(300.0, 5_000.0) for s in range(5)}}
     summary = summarise(per_seed, resamples=200)
     forgetting = summary["vanilla"]["forgetting"]
     assert forgetting["values"] == {"0": 400, "1": 401, "2": 402, "3": 403, "4": 404}
@@ -166,6 +167,12 @@ def test_summary_gives_intervals_over_seeds_and_pairs_every_arm_with_vanilla_and
     label_free = summary["label_free_bank"]["relearn_steps"]["minus_task_bank"]  # seeds 1-4: 2,500, 5,000, 2,500, 5,000
     assert label_free["n"] == 4 and label_free["ratio_of_means"]["estimate"] == 1.5
     assert (label_free["wins"], label_free["ties"], label_free["losses"]) == (0, 2, 2)
+    # what the bank adds to the rollback it runs on: seeds 1 and 3 relearn in 2,500 instead of 5,000
+    bank = summary["label_free_bank"]["relearn_steps"]["minus_rollback"]
+    assert bank["mean_difference"]["estimate"] == -1_000 and (bank["wins"], bank["ties"], bank["losses"]) == (2, 3, 0)
+    assert summary["label_free_bank"]["forgetting"]["minus_rollback"]["mean_difference"]["estimate"] == 100
+    assert "minus_rollback" not in summary["vanilla"]["forgetting"]  # rollback - vanilla says it already
+    assert "minus_rollback" not in summary["task_bank"]["forgetting"]
 
 
 def test_a_buffer_that_never_evicts_is_run_once_with_the_fifo(tmp_path):
