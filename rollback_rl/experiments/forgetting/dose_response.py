@@ -243,7 +243,7 @@ def fifo_trend(by_size: Mapping[int, Mapping[int, float]], resamples: int = BOOT
         points = [(math.log10(size), by_seed[seed]) for size, by_seed in sorted(values.items()) if seed in by_seed]
         if len(points) >= min_sizes:
             x, y = np.array(points).T
-            slopes[seed] = float(np.polyfit(x, y, 1)[0]) if np.ptp(x) > 0 else 0.0
+            slopes[seed] = float(np.polyfit(x, y, 1)[0])  # the sizes are distinct: x is never constant
     if not slopes:
         return None
     numbers = np.array([slopes[seed] for seed in sorted(slopes)])
