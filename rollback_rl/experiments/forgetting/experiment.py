@@ -476,7 +476,34 @@ def report(records: Sequence[Mapping[str, Any]], resamples: int = BOOTSTRAP_RESA
                       "per_seed": {arm: {str(seed): m for seed, m in by_seed.items()}
                                    for arm, by_seed in arms.items()}})
     return {"experiment": "A -> B -> A forgetting", "metrics": METRICS, "references": list(REFERENCE_ARMS),
-            "bootstrap_resamples": resamples, "cells": cells}
+            "bootstrap_resamples": resamples, "cells": cells, "buffer_kinds": kind_differences(cells, resamples)}
+
+
+def kind_differences(cells: Sequence[Mapping[str, Any]], resamples: int = BOOTSTRAP_RESAMPLES) -> list[dict[str, Any]]:
+    """Each non-FIFO buffer against the FIFO buffer of the same size, tasks and settings, arm by arm, paired
+    by seed: does keeping old transitions change the forgetting of A? (Steps to adapt to B are left out:
+    they are measured against vanilla's level in the same cell, so they do not compare across cells.)"""
+    def same_except_kind(settings: Mapping[str, Any]) -> str:
+        return json.dumps({k: v for k, v in as_json(settings).items() if k != "buffer_kind"}, sort_keys=True)
+
+    fifo = {same_except_kind(cell["settings"]): cell for cell in cells
+            if cell["settings"].get("buffer_kind", "fifo") == "fifo"}
+    found = []
+    for cell in cells:
+        kind = cell["settings"].get("buffer_kind", "fifo")
+        reference = fifo.get(same_except_kind(cell["settings"]))
+        if kind == "fifo" or reference is None:
+            continue
+        for arm, by_seed in cell["per_seed"].items():
+            if arm not in reference["per_seed"]:
+                continue
+            differences = {metric: paired_difference(
+                {seed: m.get(metric) for seed, m in by_seed.items()},
+                {seed: m.get(metric) for seed, m in reference["per_seed"][arm].items()}, better, resamples)
+                for metric, better in METRICS.items() if metric != "adapt_b_steps"}
+            found.append({"cell": cell["cell"], "reference": reference["cell"], "kind": kind, "arm": arm,
+                          "differences": differences})
+    return found
 
 
 def _cell_order(record: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -531,5 +558,20 @@ def markdown(result: Mapping[str, Any]) -> str:
                              f"{_interval_text(d['mean_difference'], signed=True)} | "
                              f"{_interval_text(d['ratio_of_means'], 2)} | {d['wins']}/{d['ties']}/{d['losses']} | "
                              f"{p} |")
+        lines.append("")
+    if result.get("buffer_kinds"):
+        lines += ["## Buffer kinds against the FIFO buffer of the same size", "",
+                  "The same arm, tasks and settings, paired by seed: kind minus FIFO (for forgetting and relearn steps, "
+                  "a win is lower; for scores and return, higher).", "",
+                  "| cell | arm | metric | pairs | kind - FIFO [95% CI] | win/tie/loss | Wilcoxon p (one-sided) |",
+                  "|---|---|---|---|---|---|---|"]
+        for found in result["buffer_kinds"]:
+            for metric, d in found["differences"].items():
+                if not d:
+                    continue
+                p = "-" if d["wilcoxon_p_one_sided"] is None else f"{d['wilcoxon_p_one_sided']:.3g}"
+                lines.append(f"| {found['cell']} | {found['arm']} | {metric} | {d['n']} | "
+                             f"{_interval_text(d['mean_difference'], signed=True)} | "
+                             f"{d['wins']}/{d['ties']}/{d['losses']} | {p} |")
         lines.append("")
     return "\n".join(lines)

@@ -234,6 +234,16 @@ def test_report_from_hand_made_records_pairs_seeds_and_draws_forgetting_against_
     # The reservoir cell's vanilla stays at 9 on B: 90% of its own level is reached at the first evaluation.
     assert result["cells"][1]["summary"]["vanilla"]["adapt_b_steps"]["values"] == {"0": 250.0, "1": 250.0, "2": 250.0}
     assert "| relearn_steps | label_free_bank - vanilla | 3 |" in markdown(result)
+    # The reservoir's vanilla against the FIFO's, paired by seed: relearned at 2,750, not 2,250; forgot as much.
+    [kinds] = result["buffer_kinds"]
+    assert (kinds["cell"], kinds["reference"], kinds["arm"]) == ("default-reversed/reservoir-10000",
+                                                                 "default-reversed/fifo-10000", "vanilla")
+    relearn = kinds["differences"]["relearn_steps"]
+    assert relearn["mean_difference"]["estimate"] == 500 and (relearn["wins"], relearn["losses"]) == (0, 3)
+    assert kinds["differences"]["forgetting"]["ties"] == 3
+    assert "adapt_b_steps" not in kinds["differences"]  # measured against each cell's own vanilla
+    assert "| default-reversed/reservoir-10000 | vanilla | relearn_steps | 3 | +500 [+500, +500] | 0/0/3 |" in \
+        markdown(result)
 
     written = write_a_b_a_report(folder)
     names = [path.name for path in written]
